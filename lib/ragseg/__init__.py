@@ -1,0 +1,3 @@
+"""Few-shot medical image annotation with retrieval-augmented SAM 2."""
+
+__version__ = "0.1.0"

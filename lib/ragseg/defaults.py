@@ -1,0 +1,50 @@
+"""Every tunable number of the package, in one place.
+
+Modules import their defaults from here so that the CLI, the MONAI Label app config and the tests
+agree, and so a reader can see every magic number at once.
+"""
+
+from __future__ import annotations
+
+# --- volumes -------------------------------------------------------------------------------
+# Slicing axis in the image's voxel array after reorientation to RAS: 2 = axial.
+DEFAULT_AXIS = 2
+AXIS_NAMES = {"sagittal": 0, "coronal": 1, "axial": 2}
+
+# CT window presets as (level, width) in Hounsfield units.
+CT_WINDOWS: dict[str, tuple[float, float]] = {
+    "abdomen": (40.0, 400.0),
+    "soft_tissue": (50.0, 350.0),
+    "liver": (60.0, 160.0),
+    "lung": (-600.0, 1500.0),
+    "bone": (400.0, 1800.0),
+    "brain": (40.0, 80.0),
+}
+DEFAULT_CT_WINDOW = "abdomen"
+# MR (and any modality without calibrated units): clip to these percentiles of the non-zero
+# voxels, then scale to [0, 1].
+MR_PERCENTILES = (0.5, 99.5)
+
+# ImageNet statistics: both SAM 2 and DINOv2 were trained with them.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# --- models ----------------------------------------------------------------------------------
+SAM2_IMAGE_SIZE = 1024  # official SAM 2.1 input size
+DINOV2_IMAGE_SIZE = 224  # DINOv2 input for retrieval (multiple of its 14-pixel patch)
+DEFAULT_K = 3  # supports retrieved per label
+MAX_K = 16  # SAM 2 attends to at most 16 object pointers; more supports add cost, not pointers
+MASK_THRESHOLD = 0.0  # logit threshold for a binary mask (sigmoid 0.5)
+EMBED_BATCH = 16  # slices per DINOv2 forward pass
+ENCODE_BATCH = 4  # slices per SAM 2 image-encoder pass
+
+# --- index -----------------------------------------------------------------------------------
+APPROX_THRESHOLD = 100_000  # switch from exact to IVF above this many stored slices
+IVF_NPROBE = 32
+HNSW_M = 32
+HNSW_EF_SEARCH = 128
+SEARCH_OVERFETCH = 8  # fetch k * this candidates before filtering by label / exclusions
+LOCK_TIMEOUT_S = 120.0
+
+# --- caches ----------------------------------------------------------------------------------
+MEMORY_CACHE_ITEMS = 512  # support memories kept in RAM (about 130 KB each at 512 px)

@@ -1,0 +1,133 @@
+"""Slice embedders for retrieval: ``embed(slices) -> float32 [n, d]``, rows L2-normalised.
+
+The index stores the embedder's :attr:`Embedder.id`; when it changes (another model, pooling or
+input size), stored vectors are no longer comparable and the index is rebuilt.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from . import defaults
+from .errors import RagsegError, WeightsMissingError
+from .volume import resize_slices, to_model_input
+
+logger = logging.getLogger(__name__)
+
+POOLINGS = ("cls", "mean")
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """What the index needs from an embedder."""
+
+    id: str  # identifies model, pooling and input size; stored with every vector
+    dim: int
+
+    def embed(self, slices: np.ndarray | torch.Tensor) -> np.ndarray:
+        """[n, H, W] slices with intensities in [0, 1] -> float32 [n, dim], unit rows."""
+        ...
+
+
+def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Row-wise L2 normalisation (zero rows stay zero)."""
+    x = np.asarray(x, dtype=np.float32)
+    n = np.linalg.norm(x, axis=1, keepdims=True)
+    return (x / np.maximum(n, eps)).astype(np.float32, copy=False)
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """'auto' -> CUDA when present, else CPU; otherwise the named device (checked to exist)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    d = torch.device(device)
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise RagsegError(f"device {device!r} requested but no CUDA GPU is available")
+    return d
+
+
+class DinoV2Embedder:
+    """DINOv2 (or DINOv2 with registers) from ``transformers`` as a slice embedder.
+
+    Args:
+        model: a ``Dinov2Model`` / ``Dinov2WithRegistersModel`` in eval mode.
+        name: identifies the weights (hub id, directory name, or 'random:<seed>' in tests).
+        pooling: 'cls' (layer-normed CLS token) or 'mean' (mean of the patch tokens).
+        image_size: side of the square input; a multiple of the patch size.
+        batch_size: slices per forward pass.
+        device: 'auto', 'cpu', 'cuda', 'cuda:1', ...
+    """
+
+    def __init__(self, model: torch.nn.Module, *, name: str, pooling: str = "cls",
+                 image_size: int = defaults.DINOV2_IMAGE_SIZE, batch_size: int = defaults.EMBED_BATCH,
+                 device: str = "auto"):
+        if pooling not in POOLINGS:
+            raise RagsegError(f"unknown pooling {pooling!r}; use one of {', '.join(POOLINGS)}")
+        patch = int(model.config.patch_size)
+        if image_size % patch:
+            raise RagsegError(f"DINOv2 image_size {image_size} is not a multiple of its patch size {patch}")
+        self.device = pick_device(device)
+        self.model = model.to(self.device).eval()
+        self.pooling = pooling
+        self.image_size = image_size
+        self.batch_size = max(1, int(batch_size))
+        self.num_registers = int(getattr(model.config, "num_register_tokens", 0) or 0)
+        self.dim = int(model.config.hidden_size)
+        self.id = f"dinov2:{name}:{pooling}:{image_size}"
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, *, allow_download: bool = False, **kwargs) -> DinoV2Embedder:
+        """Load official weights from a local directory or the Hugging Face cache.
+
+        Nothing is downloaded unless ``allow_download`` (the ``weights fetch`` command does the
+        fetching, with checksums); a missing model raises :class:`WeightsMissingError`.
+        """
+        from transformers import AutoModel
+
+        from .weights import fetch_command_for, resolve_dinov2
+
+        local = resolve_dinov2(name_or_path)
+        try:
+            model = AutoModel.from_pretrained(str(local) if local else name_or_path,
+                                              local_files_only=not allow_download)
+        except OSError as e:
+            raise WeightsMissingError(name_or_path, local or name_or_path, fetch_command_for(name_or_path)) from e
+        name = Path(name_or_path).name if local else name_or_path
+        return cls(model, name=name, **kwargs)
+
+    @classmethod
+    def random(cls, *, seed: int = 0, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 2,
+               patch_size: int = 14, **kwargs) -> DinoV2Embedder:
+        """A small DINOv2 with random weights. For tests and benchmarks only."""
+        from transformers import Dinov2Config, Dinov2Model
+
+        torch.manual_seed(seed)
+        cfg = Dinov2Config(hidden_size=hidden_size, num_hidden_layers=num_layers,
+                           num_attention_heads=num_heads, intermediate_size=hidden_size * 4,
+                           patch_size=patch_size, image_size=kwargs.get("image_size", defaults.DINOV2_IMAGE_SIZE))
+        return cls(Dinov2Model(cfg), name=f"random-{hidden_size}x{num_layers}-seed{seed}", **kwargs)
+
+    # -- inference ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def embed(self, slices: np.ndarray | torch.Tensor) -> np.ndarray:
+        """[n, H, W] slices in [0, 1] -> float32 [n, dim] with unit-norm rows."""
+        n = len(slices)
+        if n == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        out = []
+        for s in range(0, n, self.batch_size):
+            x = resize_slices(slices[s:s + self.batch_size], self.image_size)
+            x = to_model_input(x).to(self.device)
+            hidden = self.model(pixel_values=x).last_hidden_state  # [b, 1 + regs + patches, d]
+            if self.pooling == "cls":
+                feat = hidden[:, 0]
+            else:
+                feat = hidden[:, 1 + self.num_registers:].mean(dim=1)
+            out.append(feat.float().cpu().numpy())
+        return l2_normalize(np.concatenate(out, axis=0))

@@ -1,0 +1,373 @@
+"""Retrieval-augmented SAM 2: segment query slices conditioned on (slice, mask) supports.
+
+Each retrieved support is encoded by SAM 2's memory encoder into a *conditioning memory*, as if
+it were a mask-prompted frame of a video; SAM 2's memory attention and mask decoder then segment
+the query as the next frame (DESIGN.md section 2). We call SAM 2's own ``track_step`` and
+``_encode_new_memory`` and copy what ``SAM2VideoPredictor`` does around them, so that the result
+equals the video predictor's on the same frames (tests/test_engine_equivalence.py):
+
+1. a support goes through ``track_step(is_init_cond_frame=True, mask_inputs=mask,
+   run_mem_encoder=False)`` (the mask becomes the output directly), and its memory is encoded
+   afterwards from the low-resolution ``pred_masks`` upsampled to the model size and binarised;
+2. the model is configured with ``binarize_mask_from_pts_for_mem_enc`` (sam2_model.py);
+3. memory features are stored as bfloat16, as the predictor stores them, and upcast for use;
+4. support masks are resized to the model size as ``add_new_mask`` does.
+
+A support memory depends only on (support slice, mask, model), so it is cached (RAM + disk) and a
+query costs one image-encoder pass plus memory attention and decoding.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import defaults
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ImageFeatures:
+    """SAM 2 backbone features of a batch of n slices, flattened as ``track_step`` takes them.
+
+    vision_feats[i] / vision_pos[i]: [HW_i, n, C_i] per feature level (high-res levels first).
+    """
+
+    vision_feats: list[torch.Tensor]
+    vision_pos: list[torch.Tensor]
+    feat_sizes: list[tuple[int, int]]
+
+    def __len__(self) -> int:
+        return int(self.vision_feats[-1].shape[1])
+
+    def select(self, idx: Sequence[int] | torch.Tensor) -> ImageFeatures:
+        """Features of the slices ``idx`` (repeats allowed: one entry per object)."""
+        i = torch.as_tensor(idx, dtype=torch.long, device=self.vision_feats[-1].device)
+        return ImageFeatures([f.index_select(1, i) for f in self.vision_feats],
+                             [p.index_select(1, i) for p in self.vision_pos], list(self.feat_sizes))
+
+    @staticmethod
+    def cat(parts: Sequence[ImageFeatures]) -> ImageFeatures:
+        if len(parts) == 1:
+            return parts[0]
+        return ImageFeatures([torch.cat([p.vision_feats[j] for p in parts], 1) for j in range(len(parts[0].vision_feats))],
+                             [torch.cat([p.vision_pos[j] for p in parts], 1) for j in range(len(parts[0].vision_pos))],
+                             list(parts[0].feat_sizes))
+
+
+@dataclass
+class SupportMemory:
+    """A support encoded as a SAM 2 conditioning memory (what the video predictor stores).
+
+    maskmem_features: [1, C_mem, h, w] bfloat16 (the predictor's storage dtype).
+    obj_ptr: [1, C] object pointer from the mask decoder run on the support mask.
+    """
+
+    maskmem_features: torch.Tensor
+    obj_ptr: torch.Tensor
+
+
+@dataclass
+class Support:
+    """A retrieved support: a cache key and a loader for its pixels and mask.
+
+    ``load()`` returns (slice in [0, 1] as [H, W] float, mask as [H, W] bool); it is only called
+    on a cache miss.
+    """
+
+    key: str
+    load: Callable[[], tuple[np.ndarray, np.ndarray]]
+
+
+class SupportMemoryCache:
+    """LRU of support memories in RAM, backed by one file per memory on disk (optional).
+
+    Disk writes go to a temp file then ``os.replace``: a crash leaves the old file or none,
+    and concurrent writers of the same key write identical content.
+    """
+
+    def __init__(self, directory: str | os.PathLike | None = None, max_items: int = defaults.MEMORY_CACHE_ITEMS):
+        self.directory = Path(directory) if directory else None
+        self.max_items = max_items
+        self._ram: OrderedDict[str, SupportMemory] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def _path(self, key: str) -> Path:
+        assert self.directory is not None
+        return self.directory / key[:2] / f"{key}.pt"
+
+    def get(self, key: str) -> SupportMemory | None:
+        with self._lock:
+            mem = self._ram.get(key)
+            if mem is not None:
+                self._ram.move_to_end(key)
+                self.hits += 1
+                return mem
+        if self.directory is not None:
+            p = self._path(key)
+            if p.exists():
+                try:
+                    d = torch.load(p, map_location="cpu", weights_only=True)
+                    mem = SupportMemory(d["maskmem_features"], d["obj_ptr"])
+                except Exception as e:  # a corrupt entry is recomputed, never fatal
+                    logger.warning("dropping unreadable support-memory cache file %s: %s", p, e)
+                    p.unlink(missing_ok=True)
+                    mem = None
+                if mem is not None:
+                    self._put_ram(key, mem)
+                    with self._lock:
+                        self.hits += 1
+                    return mem
+        with self._lock:
+            self.misses += 1
+        return None
+
+    def _put_ram(self, key: str, mem: SupportMemory) -> None:
+        with self._lock:
+            self._ram[key] = mem
+            self._ram.move_to_end(key)
+            while len(self._ram) > self.max_items:
+                self._ram.popitem(last=False)
+
+    def put(self, key: str, mem: SupportMemory) -> None:
+        mem = SupportMemory(mem.maskmem_features.detach().cpu(), mem.obj_ptr.detach().cpu())
+        self._put_ram(key, mem)
+        if self.directory is None:
+            return
+        p = self._path(key)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=str(p.parent), prefix=f".{key[:8]}.")
+        os.close(fd)
+        try:
+            torch.save({"maskmem_features": mem.maskmem_features, "obj_ptr": mem.obj_ptr}, tmp)
+            os.replace(tmp, p)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def clear_ram(self) -> None:
+        with self._lock:
+            self._ram.clear()
+
+
+class RagSam2Engine:
+    """Segments query slices from support memories with SAM 2's memory attention.
+
+    Args:
+        model: a SAM2Base built by :func:`ragseg.sam2_model.build_sam2` (eval mode).
+        model_id: identifies the weights; part of every support-memory cache key.
+        cache: support-memory cache (RAM only when None is given a default in-RAM cache).
+        encode_batch: slices per image-encoder forward pass.
+        object_batch: (query, object) pairs per memory-attention pass; bounds attention memory.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, model_id: str, cache: SupportMemoryCache | None = None,
+                 encode_batch: int = defaults.ENCODE_BATCH, object_batch: int = 8):
+        self.model = model
+        self.model_id = model_id
+        self.cache = cache if cache is not None else SupportMemoryCache()
+        self.encode_batch = max(1, int(encode_batch))
+        self.object_batch = max(1, int(object_batch))
+        self.image_size = int(model.image_size)
+        self._pos_enc: torch.Tensor | None = None  # memory positional encoding: same for every frame
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # -- inputs ------------------------------------------------------------------------------------
+    def prepare_images(self, slices01: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """[n, H, W] slices in [0, 1] -> [n, 3, S, S] normalised model input."""
+        from .volume import resize_slices, to_model_input
+
+        return to_model_input(resize_slices(slices01, self.image_size))
+
+    def prepare_mask(self, mask: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """[H, W] binary mask -> [1, 1, S, S] float, resized exactly as ``add_new_mask`` does."""
+        m = torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask)
+        m = m.bool()[None, None].float().to(self.device)
+        if m.shape[-2:] != (self.image_size, self.image_size):
+            m = F.interpolate(m, size=(self.image_size, self.image_size), align_corners=False,
+                              mode="bilinear", antialias=True)
+            m = (m >= 0.5).float()
+        return m
+
+    # -- image encoder -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode_images(self, images: torch.Tensor) -> ImageFeatures:
+        """[n, 3, S, S] normalised slices -> backbone features, ``encode_batch`` at a time."""
+        parts = []
+        for s in range(0, len(images), self.encode_batch):
+            x = images[s:s + self.encode_batch].to(self.device, dtype=torch.float32)
+            backbone_out = self.model.forward_image(x)
+            _, feats, pos, sizes = self.model._prepare_backbone_features(backbone_out)
+            parts.append(ImageFeatures(list(feats), list(pos), list(sizes)))
+        return ImageFeatures.cat(parts)
+
+    # -- support memories -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode_support(self, feats: ImageFeatures, mask: torch.Tensor) -> SupportMemory:
+        """Memory of one support: ``feats`` of its slice (n=1) and its [1, 1, S, S] mask."""
+        m = self.model
+        out = m.track_step(frame_idx=0, is_init_cond_frame=True, current_vision_feats=feats.vision_feats,
+                           current_vision_pos_embeds=feats.vision_pos, feat_sizes=feats.feat_sizes,
+                           point_inputs=None, mask_inputs=mask,
+                           output_dict={"cond_frame_outputs": {}, "non_cond_frame_outputs": {}},
+                           num_frames=1, run_mem_encoder=False)
+        # as SAM2VideoPredictor.propagate_in_video_preflight: re-encode from the low-res output
+        high_res = F.interpolate(out["pred_masks"], size=(self.image_size, self.image_size),
+                                 mode="bilinear", align_corners=False)
+        maskmem, pos = m._encode_new_memory(current_vision_feats=feats.vision_feats, feat_sizes=feats.feat_sizes,
+                                            pred_masks_high_res=high_res,
+                                            object_score_logits=out["object_score_logits"], is_mask_from_pts=True)
+        if self._pos_enc is None:
+            self._pos_enc = pos[-1][0:1].clone()
+        return SupportMemory(maskmem.to(torch.bfloat16), out["obj_ptr"])
+
+    def memory_key(self, support_key: str) -> str:
+        import hashlib
+
+        return hashlib.sha256(f"{self.model_id}|{support_key}".encode()).hexdigest()
+
+    @torch.inference_mode()
+    def support_memories(self, supports: Sequence[Support]) -> list[SupportMemory]:
+        """Memories of ``supports`` from the cache, computing (and caching) the missing ones.
+
+        Missing supports' slices go through the image encoder together (batched).
+        """
+        keys = [self.memory_key(s.key) for s in supports]
+        found: dict[str, SupportMemory] = {}
+        todo: dict[str, Support] = {}
+        for k, s in zip(keys, supports):
+            if k in found or k in todo:
+                continue
+            mem = self.cache.get(k)
+            if mem is None:
+                todo[k] = s
+            else:
+                found[k] = mem
+        if todo:
+            loaded = [s.load() for s in todo.values()]
+            images = self.prepare_images(np.stack([img for img, _ in loaded]))
+            feats = self.encode_images(images)
+            for i, (k, (_, mask)) in enumerate(zip(todo, loaded)):
+                mem = self.encode_support(feats.select([i]), self.prepare_mask(mask))
+                self.cache.put(k, mem)
+                found[k] = mem
+        if self._pos_enc is None and found:
+            self._init_pos_enc()
+        return [found[k] for k in keys]
+
+    def _init_pos_enc(self) -> None:
+        """Memory positional encoding: a sine encoding that depends only on the feature size."""
+        h = w = self.image_size // 16  # SAM 2's lowest-resolution feature map (stride 16)
+        dummy = torch.zeros(1, 1, h, w, device=self.device)
+        self._pos_enc = self.model.memory_encoder.position_encoding(dummy).to(torch.float32)
+
+    # -- queries -----------------------------------------------------------------------------------
+    def _cond_outputs(self, memories: Sequence[Sequence[SupportMemory]], frames: Sequence[int]) -> dict:
+        """Stack per-item support memories into the ``cond_frame_outputs`` of a batch."""
+        assert self._pos_enc is not None
+        b = len(memories)
+        out = {}
+        for j, t in enumerate(frames):
+            feats = torch.cat([mem[j].maskmem_features for mem in memories], 0).to(self.device).float()
+            out[t] = {
+                "maskmem_features": feats,
+                "maskmem_pos_enc": [self._pos_enc.to(self.device).expand(b, -1, -1, -1)],
+                "obj_ptr": torch.cat([mem[j].obj_ptr for mem in memories], 0).to(self.device),
+            }
+        return out
+
+    @torch.inference_mode()
+    def segment(self, query_feats: ImageFeatures, memories: Sequence[Sequence[SupportMemory]], *,
+                support_frames: Sequence[int] | None = None, query_frame: int | None = None,
+                num_frames: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Segment a batch of queries, item i conditioned on ``memories[i]`` (k each).
+
+        By default supports sit at frames 0..k-1 and the query at frame k, so the last support is
+        the query's nearest neighbour in time (SAM 2 weights object pointers by distance):
+        callers pass supports most-similar-last.
+
+        Returns:
+            low-res mask logits [n, 1, S/4, S/4] and object-score logits [n, 1].
+        """
+        n = len(query_feats)
+        if len(memories) != n:
+            raise ValueError(f"{n} queries but {len(memories)} support lists")
+        ks = {len(m) for m in memories}
+        if len(ks) != 1 or 0 in ks:
+            raise ValueError(f"every query needs the same, non-zero number of supports; got {sorted(ks)}")
+        k = ks.pop()
+        frames = list(support_frames) if support_frames is not None else list(range(k))
+        qf = query_frame if query_frame is not None else max(frames) + 1
+        nf = num_frames if num_frames is not None else max(max(frames), qf) + 1
+        if len(frames) != k:
+            raise ValueError(f"{len(frames)} support frame indices for {k} supports")
+        logits, scores = [], []
+        for s in range(0, n, self.object_batch):
+            idx = list(range(s, min(n, s + self.object_batch)))
+            f = query_feats.select(idx)
+            out = self.model.track_step(
+                frame_idx=qf, is_init_cond_frame=False, current_vision_feats=f.vision_feats,
+                current_vision_pos_embeds=f.vision_pos, feat_sizes=f.feat_sizes, point_inputs=None,
+                mask_inputs=None, num_frames=nf, run_mem_encoder=False,
+                output_dict={"cond_frame_outputs": self._cond_outputs([memories[i] for i in idx], frames),
+                             "non_cond_frame_outputs": {}})
+            logits.append(out["pred_masks"].float())
+            scores.append(out["object_score_logits"].float())
+        return torch.cat(logits, 0), torch.cat(scores, 0)
+
+    @torch.inference_mode()
+    def propagate(self, query_feats: Callable[[int], ImageFeatures], n_queries: int,
+                  memories: Sequence[Sequence[SupportMemory]]) -> torch.Tensor:
+        """3D-consistency mode: track objects through consecutive query slices like video frames.
+
+        The k supports of each object are conditioning frames 0..k-1; query slice j is frame
+        k + j, and each processed query's own prediction is encoded into memory (as SAM 2 does
+        for non-conditioning frames), so later slices see their neighbours.
+
+        Args:
+            query_feats: j -> features of query slice j (n=1), computed lazily so a volume
+                never holds all slices' features at once.
+            memories: per object, its k supports (same k for every object).
+
+        Returns:
+            low-res logits [n_queries, n_objects, S/4, S/4].
+        """
+        n_obj = len(memories)
+        k = len(memories[0])
+        if any(len(m) != k for m in memories) or k == 0:
+            raise ValueError("every object needs the same, non-zero number of supports")
+        output_dict = {"cond_frame_outputs": self._cond_outputs(memories, range(k)), "non_cond_frame_outputs": {}}
+        num_frames = k + n_queries
+        result = []
+        for j in range(n_queries):
+            f = query_feats(j).select([0] * n_obj)
+            t = k + j
+            out = self.model.track_step(
+                frame_idx=t, is_init_cond_frame=False, current_vision_feats=f.vision_feats,
+                current_vision_pos_embeds=f.vision_pos, feat_sizes=f.feat_sizes, point_inputs=None,
+                mask_inputs=None, output_dict=output_dict, num_frames=num_frames, run_mem_encoder=True)
+            output_dict["non_cond_frame_outputs"][t] = {
+                "maskmem_features": out["maskmem_features"].to(torch.bfloat16).float(),
+                "maskmem_pos_enc": out["maskmem_pos_enc"],
+                "obj_ptr": out["obj_ptr"],
+            }
+            # keep only the memories SAM 2 can still attend to (num_maskmem / obj-pointer window)
+            keep = max(self.model.num_maskmem, self.model.max_obj_ptrs_in_encoder)
+            output_dict["non_cond_frame_outputs"].pop(t - keep, None)
+            result.append(out["pred_masks"].float()[:, 0])
+        return torch.stack(result, 0)

@@ -1,0 +1,323 @@
+"""FAISS index of labeled-slice embeddings, with metadata, persisted atomically under a file lock.
+
+The on-disk file (``index.npz``) is the single source shared by every process (server workers,
+train/batch subprocesses, CLI). It holds the vectors, their ids, one metadata record per vector
+and a manifest (embedder id, dimension). Every mutation runs as: take the file lock, reload if
+another process changed the file, mutate, write a temp file, ``os.replace`` it over the old one.
+A crash mid-write therefore leaves the previous complete index; readers never need the lock.
+
+The index is a cache of the labels: it can always be rebuilt from the datastore
+(:func:`ragseg.pipeline.sync_index`), which is what happens when the embedder changes, a label's
+checksum no longer matches, or the file is unreadable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import tempfile
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import faiss
+import numpy as np
+from filelock import FileLock
+
+from . import defaults
+from .errors import IndexCorruptError, RagsegError
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+KINDS = ("auto", "flat", "ivf", "hnsw")
+
+
+@dataclass
+class SliceRecord:
+    """Metadata of one indexed slice."""
+
+    image_id: str
+    slice_index: int  # along the index's slicing axis, in canonical (RAS) orientation
+    labels: list[int]  # label values present on this slice
+    label_checksum: str  # SHA-256 of the label file it came from
+    image_checksum: str = ""
+    image_path: str = ""
+    label_path: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Hit:
+    score: float  # inner product of unit vectors = cosine similarity
+    record: SliceRecord
+
+
+class SliceIndex:
+    """Labeled-slice embeddings for retrieval.
+
+    Args:
+        directory: where ``index.npz`` and ``index.lock`` live (created if needed).
+        embedder_id: id of the embedder producing the vectors; a stored index with another id is
+            stale and is discarded (``stale_reason`` says why) so the caller rebuilds it.
+        dim: vector dimension.
+        kind: 'flat' (exact inner product), 'ivf', 'hnsw', or 'auto' (flat below
+            ``approx_threshold`` vectors, IVF above).
+        use_gpu: 'auto' (a GPU index when faiss sees a GPU), True or False.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, embedder_id: str, dim: int, kind: str = "auto",
+                 approx_threshold: int = defaults.APPROX_THRESHOLD, nprobe: int = defaults.IVF_NPROBE,
+                 use_gpu: bool | str = "auto", lock_timeout: float = defaults.LOCK_TIMEOUT_S):
+        if kind not in KINDS:
+            raise RagsegError(f"unknown index kind {kind!r}; use one of {', '.join(KINDS)}")
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.path = self.directory / "index.npz"
+        self.embedder_id = embedder_id
+        self.dim = int(dim)
+        self.kind = kind
+        self.approx_threshold = int(approx_threshold)
+        self.nprobe = int(nprobe)
+        n_gpu = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+        self.use_gpu = (n_gpu > 0) if use_gpu == "auto" else bool(use_gpu) and n_gpu > 0
+        self._flock = FileLock(str(self.directory / "index.lock"), timeout=lock_timeout)
+        self._tlock = threading.RLock()
+        self._vecs = np.zeros((0, self.dim), dtype=np.float32)
+        self._ids = np.zeros((0,), dtype=np.int64)
+        self._meta: dict[int, SliceRecord] = {}
+        self._next_id = 0
+        self._stamp: tuple | None = None
+        self._faiss = None  # built lazily from the vectors
+        self._faiss_kind = ""
+        self.stale_reason: str | None = None
+        self._load_if_changed(force=True)
+
+    # -- persistence ------------------------------------------------------------------------------
+    def _file_stamp(self) -> tuple | None:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def _load_if_changed(self, force: bool = False) -> None:
+        stamp = self._file_stamp()
+        if not force and stamp == self._stamp:
+            return
+        with self._tlock:
+            if stamp is None:
+                self._reset()
+            else:
+                try:
+                    self._read()
+                except IndexCorruptError as e:
+                    logger.warning("%s; starting empty so it is rebuilt from the labels", e)
+                    self.stale_reason = str(e)
+                    self._reset()
+            self._stamp = stamp
+
+    def _reset(self) -> None:
+        self._vecs = np.zeros((0, self.dim), dtype=np.float32)
+        self._ids = np.zeros((0,), dtype=np.int64)
+        self._meta = {}
+        self._next_id = 0
+        self._faiss = None
+
+    def _read(self) -> None:
+        try:
+            with np.load(self.path, allow_pickle=False) as z:
+                manifest = json.loads(bytes(z["manifest"]).decode())
+                vecs = np.array(z["vectors"], dtype=np.float32)
+                ids = np.array(z["ids"], dtype=np.int64)
+                meta = json.loads(bytes(z["meta"]).decode())
+        except Exception as e:
+            raise IndexCorruptError(f"index file {self.path} is unreadable ({type(e).__name__}: {e})") from e
+        if manifest.get("format") != FORMAT_VERSION:
+            raise IndexCorruptError(f"index file {self.path} has format {manifest.get('format')}, expected {FORMAT_VERSION}")
+        if manifest.get("embedder_id") != self.embedder_id or int(manifest.get("dim", -1)) != self.dim:
+            self.stale_reason = (f"embedder changed ({manifest.get('embedder_id')} -> {self.embedder_id}); "
+                                 "index must be rebuilt")
+            logger.warning("%s: %s", self.path, self.stale_reason)
+            self._reset()
+            return
+        if vecs.shape != (len(ids), self.dim) or len(meta) != len(ids):
+            raise IndexCorruptError(f"index file {self.path} is inconsistent "
+                                    f"({vecs.shape} vectors, {len(ids)} ids, {len(meta)} records)")
+        self._vecs, self._ids = vecs, ids
+        self._meta = {int(i): SliceRecord(**r) for i, r in zip(ids, meta)}
+        self._next_id = int(manifest.get("next_id", int(ids.max()) + 1 if len(ids) else 0))
+        self._faiss = None
+
+    def _write(self) -> None:
+        manifest = {"format": FORMAT_VERSION, "embedder_id": self.embedder_id, "dim": self.dim,
+                    "next_id": self._next_id, "count": int(len(self._ids))}
+        meta = [asdict(self._meta[int(i)]) for i in self._ids]
+        fd, tmp = tempfile.mkstemp(dir=str(self.directory), prefix=".index.", suffix=".npz")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(fh, vectors=self._vecs, ids=self._ids,
+                         manifest=np.frombuffer(json.dumps(manifest).encode(), dtype=np.uint8),
+                         meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        self._stamp = self._file_stamp()
+        self.stale_reason = None
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[SliceIndex]:
+        """Lock across threads and processes, reload the latest file, and save on success."""
+        with self._tlock, self._flock:
+            self._load_if_changed()
+            yield self
+            self._write()
+
+    # -- mutation ---------------------------------------------------------------------------------
+    def _remove_image_nolock(self, image_id: str) -> int:
+        drop = np.array([self._meta[int(i)].image_id == image_id for i in self._ids], dtype=bool)
+        n = int(drop.sum())
+        if n:
+            for i in self._ids[drop]:
+                del self._meta[int(i)]
+            self._vecs = self._vecs[~drop]
+            self._ids = self._ids[~drop]
+            self._faiss = None
+        return n
+
+    def replace_image(self, image_id: str, vectors: np.ndarray, records: Sequence[SliceRecord]) -> None:
+        """Atomically replace every stored slice of ``image_id`` with these (none = remove)."""
+        vectors = np.asarray(vectors, dtype=np.float32).reshape(-1, self.dim)
+        if len(vectors) != len(records):
+            raise ValueError(f"{len(vectors)} vectors but {len(records)} records")
+        if any(r.image_id != image_id for r in records):
+            raise ValueError("records must all belong to image_id")
+        if len(vectors) and not np.isfinite(vectors).all():
+            raise ValueError("vectors contain NaN/Inf")
+        with self.transaction():
+            self._remove_image_nolock(image_id)
+            if len(vectors):
+                ids = np.arange(self._next_id, self._next_id + len(vectors), dtype=np.int64)
+                self._next_id += len(vectors)
+                self._vecs = np.concatenate([self._vecs, vectors])
+                self._ids = np.concatenate([self._ids, ids])
+                for i, r in zip(ids, records):
+                    self._meta[int(i)] = r
+                self._faiss = None
+
+    def remove_image(self, image_id: str) -> int:
+        """Remove every slice of ``image_id``; returns how many were removed."""
+        with self.transaction():
+            return self._remove_image_nolock(image_id)
+
+    def clear(self) -> None:
+        with self.transaction():
+            self._reset()
+
+    # -- queries ----------------------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Pick up changes written by other processes (cheap when nothing changed)."""
+        self._load_if_changed()
+
+    def __len__(self) -> int:
+        self.refresh()
+        return int(len(self._ids))
+
+    def images(self) -> dict[str, dict[str, str]]:
+        """image id -> {'label_checksum', 'image_checksum', 'n_slices'} of what is stored."""
+        self.refresh()
+        out: dict[str, dict] = {}
+        for r in self._meta.values():
+            d = out.setdefault(r.image_id, {"label_checksum": r.label_checksum,
+                                            "image_checksum": r.image_checksum, "n_slices": 0})
+            d["n_slices"] += 1
+        return out
+
+    def records(self) -> list[SliceRecord]:
+        self.refresh()
+        return [self._meta[int(i)] for i in self._ids]
+
+    def vectors(self) -> np.ndarray:
+        self.refresh()
+        return self._vecs.copy()
+
+    def _effective_kind(self) -> str:
+        if self.kind != "auto":
+            return self.kind
+        return "ivf" if len(self._ids) >= self.approx_threshold else "flat"
+
+    def _build_faiss(self):
+        kind = self._effective_kind()
+        n, d = len(self._ids), self.dim
+        if kind == "flat" or n < 64:
+            index = faiss.IndexIDMap2(faiss.IndexFlatIP(d))
+        elif kind == "ivf":
+            nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))
+            quantizer = faiss.IndexFlatIP(d)
+            index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+            rng = np.random.default_rng(0)
+            train = self._vecs if n <= nlist * 256 else self._vecs[rng.choice(n, nlist * 256, replace=False)]
+            index.train(train)
+            index.nprobe = min(self.nprobe, nlist)
+            index.own_fields = True
+            index.quantizer_ref = quantizer  # keep the Python object alive
+        else:  # hnsw
+            index = faiss.IndexIDMap2(faiss.IndexHNSWFlat(d, defaults.HNSW_M, faiss.METRIC_INNER_PRODUCT))
+            faiss.downcast_index(index.index).hnsw.efSearch = defaults.HNSW_EF_SEARCH
+        if n:
+            index.add_with_ids(self._vecs, self._ids)
+        if self.use_gpu and kind != "hnsw":
+            try:
+                index = faiss.index_cpu_to_all_gpus(index)
+            except Exception as e:  # a CPU index always works; say why the GPU one did not
+                logger.warning("faiss GPU index unavailable, using CPU: %s", e)
+        self._faiss, self._faiss_kind = index, kind
+        return index
+
+    def search(self, queries: np.ndarray, k: int, *, label: int | None = None,
+               exclude: Iterable[tuple[str, int]] = (), exclude_images: Iterable[str] = ()) -> list[list[Hit]]:
+        """The ``k`` most similar stored slices for each query vector.
+
+        Args:
+            label: only slices on which this label value is present.
+            exclude: (image_id, slice_index) pairs never returned (the query slice itself).
+            exclude_images: images whose slices are never returned (leave-one-subject-out).
+        """
+        self.refresh()
+        q = np.asarray(queries, dtype=np.float32).reshape(-1, self.dim)
+        excl = set((str(a), int(b)) for a, b in exclude)
+        excl_img = set(exclude_images)
+        with self._tlock:
+            n = len(self._ids)
+            if n == 0 or k <= 0:
+                return [[] for _ in range(len(q))]
+            index = self._faiss or self._build_faiss()
+            meta = self._meta
+
+            def ok(r: SliceRecord) -> bool:
+                return ((label is None or label in r.labels) and r.image_id not in excl_img
+                        and (r.image_id, r.slice_index) not in excl)
+
+            fetch = min(n, max(k * defaults.SEARCH_OVERFETCH, 64))
+            results: list[list[Hit]] = [[] for _ in range(len(q))]
+            todo = list(range(len(q)))
+            while todo:
+                scores, ids = index.search(q[todo], fetch)
+                again = []
+                for row, qi in enumerate(todo):
+                    hits = [Hit(float(s), meta[int(i)]) for s, i in zip(scores[row], ids[row])
+                            if i >= 0 and ok(meta[int(i)])]
+                    results[qi] = hits[:k]
+                    if len(hits) < k and fetch < n:
+                        again.append(qi)
+                if not again:
+                    break
+                todo, fetch = again, min(n, fetch * 4)
+            return results

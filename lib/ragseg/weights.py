@@ -1,0 +1,268 @@
+"""Registry of official checkpoints, checksum-verified download, and path resolution.
+
+Nothing in this package downloads implicitly: models load from explicit paths or from the weights
+cache directory, and :func:`fetch` (the ``ragseg weights fetch NAME`` command) is the only code
+that touches the network. When a file is missing, :class:`WeightsMissingError` names the file and
+the command that fetches it.
+
+SHA-256: where this registry has a digest, a download that does not match it is deleted and an
+error raised. The registry was written on a machine with no route to the hosting servers, so
+digests that could not be read there are ``None``: ``fetch`` then refuses unless the user passes
+the digest they trust (``--sha256``) or ``--pin``, which records the digest of the first download
+in ``pins.json`` beside the weights and verifies every later load/fetch against it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .errors import ChecksumError, RagsegError, WeightsMissingError
+
+logger = logging.getLogger(__name__)
+
+SAM2_BASE_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/092824"
+HF_BASE_URL = "https://huggingface.co"
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    """One file of a checkpoint."""
+
+    filename: str
+    url: str
+    sha256: str | None = None  # None: not known to this registry (see module docstring)
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """A named official checkpoint."""
+
+    name: str  # the name users type: `ragseg weights fetch <name>`
+    kind: str  # 'sam2' or 'dinov2'
+    files: tuple[WeightFile, ...]
+    config: str = ""  # sam2: Hydra config inside the sam2 package; dinov2: the hub id
+    description: str = ""
+
+
+def _sam2(name: str, stem: str, config: str, desc: str) -> WeightSpec:
+    return WeightSpec(name, "sam2", (WeightFile(f"{stem}.pt", f"{SAM2_BASE_URL}/{stem}.pt"),),
+                      config, desc)
+
+
+def _dino(name: str, hub_id: str, desc: str) -> WeightSpec:
+    files = tuple(WeightFile(f, f"{HF_BASE_URL}/{hub_id}/resolve/main/{f}")
+                  for f in ("config.json", "model.safetensors"))
+    return WeightSpec(name, "dinov2", files, hub_id, desc)
+
+
+REGISTRY: dict[str, WeightSpec] = {s.name: s for s in (
+    _sam2("sam2.1-hiera-tiny", "sam2.1_hiera_tiny", "configs/sam2.1/sam2.1_hiera_t.yaml", "SAM 2.1 Hiera-T, 39 M params"),
+    _sam2("sam2.1-hiera-small", "sam2.1_hiera_small", "configs/sam2.1/sam2.1_hiera_s.yaml", "SAM 2.1 Hiera-S, 46 M"),
+    _sam2("sam2.1-hiera-base-plus", "sam2.1_hiera_base_plus", "configs/sam2.1/sam2.1_hiera_b+.yaml", "SAM 2.1 Hiera-B+, 81 M"),
+    _sam2("sam2.1-hiera-large", "sam2.1_hiera_large", "configs/sam2.1/sam2.1_hiera_l.yaml", "SAM 2.1 Hiera-L, 224 M"),
+    _dino("dinov2-small", "facebook/dinov2-small", "DINOv2 ViT-S/14, 22 M"),
+    _dino("dinov2-base", "facebook/dinov2-base", "DINOv2 ViT-B/14, 86 M"),
+    _dino("dinov2-large", "facebook/dinov2-large", "DINOv2 ViT-L/14, 300 M"),
+    _dino("dinov2-giant", "facebook/dinov2-giant", "DINOv2 ViT-g/14, 1.1 B"),
+    _dino("dinov2-with-registers-small", "facebook/dinov2-with-registers-small", "DINOv2-reg ViT-S/14"),
+    _dino("dinov2-with-registers-base", "facebook/dinov2-with-registers-base", "DINOv2-reg ViT-B/14"),
+    _dino("dinov2-with-registers-large", "facebook/dinov2-with-registers-large", "DINOv2-reg ViT-L/14"),
+    _dino("dinov2-with-registers-giant", "facebook/dinov2-with-registers-giant", "DINOv2-reg ViT-g/14"),
+)}
+
+SAM2_VARIANTS = {"hiera_t": "sam2.1-hiera-tiny", "hiera_s": "sam2.1-hiera-small",
+                 "hiera_b+": "sam2.1-hiera-base-plus", "hiera_l": "sam2.1-hiera-large"}
+
+
+def weights_dir() -> Path:
+    """Where fetched weights live: $RAGSEG_WEIGHTS_DIR, else ~/.cache/ragseg/weights."""
+    return Path(os.environ.get("RAGSEG_WEIGHTS_DIR", Path.home() / ".cache" / "ragseg" / "weights"))
+
+
+def fetch_command_for(name: str) -> str:
+    spec = _lookup(name, strict=False)
+    return f"ragseg weights fetch {spec.name if spec else name}"
+
+
+def _lookup(name: str, strict: bool = True) -> WeightSpec | None:
+    if name in REGISTRY:
+        return REGISTRY[name]
+    if name in SAM2_VARIANTS:
+        return REGISTRY[SAM2_VARIANTS[name]]
+    for spec in REGISTRY.values():  # accept the hub id for DINOv2
+        if spec.kind == "dinov2" and spec.config == name:
+            return spec
+    if strict:
+        raise RagsegError(f"unknown weights {name!r}; known: {', '.join(REGISTRY)}")
+    return None
+
+
+def spec_dir(spec: WeightSpec, root: Path | None = None) -> Path:
+    return (root or weights_dir()) / spec.name
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _pins_path(root: Path) -> Path:
+    return root / "pins.json"
+
+
+def _read_pins(root: Path) -> dict[str, str]:
+    p = _pins_path(root)
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def _write_pins(root: Path, pins: dict[str, str]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=str(root), prefix=".pins.")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(pins, fh, indent=1, sort_keys=True)
+    os.replace(tmp, _pins_path(root))
+
+
+def expected_sha256(spec: WeightSpec, wf: WeightFile, root: Path | None = None) -> str | None:
+    """The registry digest, else the digest pinned at first fetch, else None."""
+    return wf.sha256 or _read_pins(root or weights_dir()).get(f"{spec.name}/{wf.filename}")
+
+
+def verify(name: str, root: Path | None = None) -> dict[str, str]:
+    """Check every file of ``name`` on disk against its digest -> {filename: 'ok'|'unpinned'}."""
+    spec = _lookup(name)
+    out = {}
+    for wf in spec.files:
+        p = spec_dir(spec, root) / wf.filename
+        if not p.exists():
+            raise WeightsMissingError(spec.name, p, fetch_command_for(spec.name))
+        want = expected_sha256(spec, wf, root)
+        if want is None:
+            out[wf.filename] = "unpinned"
+            continue
+        got = sha256_of(p)
+        if got != want:
+            raise ChecksumError(f"{p}: SHA-256 {got} does not match expected {want}; delete it and fetch again")
+        out[wf.filename] = "ok"
+    return out
+
+
+def _download(url: str, dest: Path) -> str:
+    """Stream ``url`` to a temp file beside ``dest``; return its SHA-256. No rename yet."""
+    h = hashlib.sha256()
+    req = urllib.request.Request(url, headers={"User-Agent": "ragseg-weights-fetch"})
+    with urllib.request.urlopen(req, timeout=60) as r, open(dest, "wb") as fh:
+        total = int(r.headers.get("Content-Length") or 0) or None
+        with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name.lstrip(".")) as bar:
+            for chunk in iter(lambda: r.read(1 << 20), b""):
+                fh.write(chunk)
+                h.update(chunk)
+                bar.update(len(chunk))
+    return h.hexdigest()
+
+
+def fetch(name: str, *, root: Path | None = None, sha256: str | None = None, pin: bool = False,
+          force: bool = False) -> Path:
+    """Download and verify ``name`` into the weights directory; returns its folder.
+
+    Args:
+        sha256: digest to require for a single-file checkpoint whose digest the registry lacks.
+        pin: accept an unknown digest once and record it (trust on first use).
+        force: download again even when a verified copy exists.
+    """
+    spec = _lookup(name)
+    root = root or weights_dir()
+    d = spec_dir(spec, root)
+    d.mkdir(parents=True, exist_ok=True)
+    pins = _read_pins(root)
+    for wf in spec.files:
+        key = f"{spec.name}/{wf.filename}"
+        want = wf.sha256 or (sha256 if len(spec.files) == 1 or wf.filename.endswith(".safetensors") else None) \
+            or pins.get(key)
+        dest = d / wf.filename
+        if dest.exists() and not force and want and sha256_of(dest) == want:
+            logger.info("%s already present and verified", dest)
+            continue
+        if want is None and not pin:
+            raise ChecksumError(
+                f"no known SHA-256 for {key}: pass --sha256 <digest from the publisher> or --pin to "
+                "record the digest of this download and verify against it from now on")
+        fd, tmp = tempfile.mkstemp(dir=str(d), prefix=f".{wf.filename}.")
+        os.close(fd)
+        try:
+            got = _download(wf.url, Path(tmp))
+            if want is not None and got != want:
+                raise ChecksumError(f"{wf.url}: SHA-256 {got} does not match expected {want}; file discarded")
+            os.replace(tmp, dest)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        if want is None:
+            pins[key] = got
+            _write_pins(root, pins)
+            logger.warning("pinned %s to SHA-256 %s (first fetch)", key, got)
+    return d
+
+
+def list_weights(root: Path | None = None) -> list[dict[str, str]]:
+    """One row per registry entry with its local state: 'verified', 'present', 'missing'."""
+    rows = []
+    for spec in REGISTRY.values():
+        d = spec_dir(spec, root)
+        present = all((d / wf.filename).exists() for wf in spec.files)
+        state = "missing"
+        if present:
+            try:
+                state = "verified" if set(verify(spec.name, root).values()) == {"ok"} else "present (unpinned)"
+            except ChecksumError:
+                state = "CHECKSUM MISMATCH"
+        rows.append({"name": spec.name, "kind": spec.kind, "state": state, "path": str(d),
+                     "description": spec.description})
+    return rows
+
+
+def resolve_sam2_checkpoint(name_or_path: str, root: Path | None = None) -> tuple[Path, str]:
+    """Checkpoint path and Hydra config for a registry name/variant or an explicit .pt path.
+
+    An explicit path must exist; its config is inferred from the file name (hiera_t/s/b+/l).
+    """
+    spec = _lookup(name_or_path, strict=False)
+    if spec is not None and spec.kind == "sam2":
+        p = spec_dir(spec, root) / spec.files[0].filename
+        if not p.exists():
+            raise WeightsMissingError(spec.name, p, fetch_command_for(spec.name))
+        return p, spec.config
+    p = Path(name_or_path).expanduser()
+    if not p.exists():
+        raise WeightsMissingError(name_or_path, p, "ragseg weights fetch sam2.1-hiera-tiny")
+    for spec in REGISTRY.values():
+        if spec.kind == "sam2" and spec.files[0].filename.removesuffix(".pt") in p.name:
+            return p, spec.config
+    raise RagsegError(f"cannot tell the SAM 2.1 variant of {p}; name it like sam2.1_hiera_tiny.pt "
+                      "or pass a registry name")
+
+
+def resolve_dinov2(name_or_path: str, root: Path | None = None) -> Path | None:
+    """Local directory for a DINOv2 registry name, hub id, or path; None to use the HF cache."""
+    p = Path(name_or_path).expanduser()
+    if p.is_dir():
+        return p
+    spec = _lookup(name_or_path, strict=False)
+    if spec is not None and spec.kind == "dinov2":
+        d = spec_dir(spec, root)
+        if all((d / wf.filename).exists() for wf in spec.files):
+            return d
+        if name_or_path in REGISTRY:  # a registry name (not a hub id) has nowhere else to look
+            raise WeightsMissingError(spec.name, d / "model.safetensors", fetch_command_for(spec.name))
+    return None

@@ -1,0 +1,33 @@
+"""Shared fixtures: small random-weight models (real SAM 2 / DINOv2 architectures) and data."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+# Small model sizes keep CPU tests fast; the code paths are the ones used at 1024.
+TEST_SAM2_SIZE = 256
+
+
+@pytest.fixture(scope="session")
+def sam2_model():
+    from ragseg.sam2_model import build_sam2
+
+    return build_sam2("hiera_t", image_size=TEST_SAM2_SIZE, random_weights=True, seed=0)
+
+
+@pytest.fixture(scope="session")
+def dino_embedder():
+    from ragseg.embedders import DinoV2Embedder
+
+    return DinoV2Embedder.random(seed=0, image_size=56)
+
+
+@pytest.fixture()
+def rng():
+    return np.random.default_rng(1234)
