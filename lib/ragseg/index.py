@@ -157,6 +157,9 @@ class SliceIndex:
         manifest = {"format": FORMAT_VERSION, "embedder_id": self.embedder_id, "dim": self.dim,
                     "next_id": self._next_id, "count": int(len(self._ids))}
         meta = [asdict(self._meta[int(i)]) for i in self._ids]
+        # we hold the file lock, so any temp file here is debris of a writer that crashed
+        for junk in self.directory.glob(".index.*.npz"):
+            junk.unlink(missing_ok=True)
         fd, tmp = tempfile.mkstemp(dir=str(self.directory), prefix=".index.", suffix=".npz")
         try:
             with os.fdopen(fd, "wb") as fh:
@@ -265,9 +268,7 @@ class SliceIndex:
             rng = np.random.default_rng(0)
             train = self._vecs if n <= nlist * 256 else self._vecs[rng.choice(n, nlist * 256, replace=False)]
             index.train(train)
-            index.nprobe = min(self.nprobe, nlist)
-            index.own_fields = True
-            index.quantizer_ref = quantizer  # keep the Python object alive
+            index.nprobe = min(self.nprobe, nlist)  # faiss' wrapper keeps `quantizer` referenced
         else:  # hnsw
             index = faiss.IndexIDMap2(faiss.IndexHNSWFlat(d, defaults.HNSW_M, faiss.METRIC_INNER_PRODUCT))
             faiss.downcast_index(index.index).hnsw.efSearch = defaults.HNSW_EF_SEARCH

@@ -1,0 +1,215 @@
+"""Command line: ``ragseg weights|index|segment|sample-data``.
+
+Errors a user can cause are printed as one line (``error: ...``) with exit status 2; nothing is
+written on failure (labels and the index are replaced atomically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__, defaults
+from .errors import RagsegError
+
+logger = logging.getLogger("ragseg")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("models")
+    g.add_argument("--sam2", default="sam2.1-hiera-tiny",
+                   help="SAM 2.1 registry name or path to an official .pt (default: %(default)s)")
+    g.add_argument("--dinov2", default="dinov2-small",
+                   help="DINOv2 registry name, hub id or local directory (default: %(default)s)")
+    g.add_argument("--pooling", choices=("cls", "mean"), default="cls", help="DINOv2 pooling")
+    g.add_argument("--image-size", type=int, default=defaults.SAM2_IMAGE_SIZE, help="SAM 2 input size")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    g.add_argument("--memory-cache", default=None, help="directory for cached support memories")
+    # Tests and benchmarks only: same architectures, random weights. Hidden, and loud when used.
+    g.add_argument("--random-weights-for-testing", action="store_true", help=argparse.SUPPRESS)
+    g.add_argument("--sam2-variant", default="hiera_t", help=argparse.SUPPRESS)
+    p2 = p.add_argument_group("slicing")
+    p2.add_argument("--axis", default="axial", help="axial, coronal, sagittal or 0/1/2 (default: axial)")
+    p2.add_argument("--modality", default="auto", choices=("auto", "CT", "MR"), help="intensity normalisation")
+    p2.add_argument("--ct-window", default=defaults.DEFAULT_CT_WINDOW, choices=sorted(defaults.CT_WINDOWS))
+
+
+def _model_config(a: argparse.Namespace):
+    from .factory import ModelConfig
+
+    if a.random_weights_for_testing:
+        print("WARNING: --random-weights-for-testing: models have RANDOM weights; output is meaningless",
+              file=sys.stderr)
+    return ModelConfig(sam2=a.sam2, dinov2=a.dinov2, pooling=a.pooling, image_size=a.image_size,
+                       device=a.device, memory_cache=a.memory_cache, random_weights=a.random_weights_for_testing,
+                       sam2_variant=a.sam2_variant)
+
+
+def _preprocess(a: argparse.Namespace):
+    from .pipeline import Preprocess
+
+    return Preprocess(axis=a.axis, modality=a.modality, ct_window=a.ct_window)
+
+
+# -- weights ---------------------------------------------------------------------------------------
+def cmd_weights(a: argparse.Namespace) -> int:
+    from . import weights
+
+    root = Path(a.dir) if a.dir else None
+    if a.action == "list":
+        for r in weights.list_weights(root):
+            print(f"{r['name']:32s} {r['kind']:7s} {r['state']:20s} {r['path']}")
+        return 0
+    if not a.name:
+        raise RagsegError(f"weights {a.action}: name a checkpoint (see `ragseg weights list`)")
+    if a.action == "fetch":
+        d = weights.fetch(a.name, root=root, sha256=a.sha256, pin=a.pin, force=a.force)
+        print(f"{a.name}: verified in {d}")
+    else:
+        print(json.dumps(weights.verify(a.name, root), indent=1))
+    return 0
+
+
+# -- index -----------------------------------------------------------------------------------------
+def cmd_index_build(a: argparse.Namespace) -> int:
+    from .factory import load_embedder
+    from .pipeline import discover_pairs, open_index, sync_index
+
+    items = discover_pairs(a.images, a.labels)
+    if not items:
+        raise RagsegError(f"no image in {a.images} has a label of the same name in {a.labels}")
+    emb = load_embedder(_model_config(a))
+    index = open_index(a.index, emb, _preprocess(a), kind=a.kind)
+    rep = sync_index(index, emb, _preprocess(a), items, remove_missing=not a.keep_missing, progress=True)
+    print(f"index {a.index}: {len(index)} slices from {len(index.images())} images ({rep})")
+    for k, v in rep.failed.items():
+        print(f"  failed {k}: {v}", file=sys.stderr)
+    return 1 if rep.failed else 0
+
+
+def _supports_index(a: argparse.Namespace, emb, pre):
+    """--supports DIR: an index directory, or a dataset folder (images + labels[/final])."""
+    from .pipeline import discover_pairs, index_id, open_index, sync_index
+
+    d = Path(a.supports)
+    if (d / "index.npz").exists():
+        idx = open_index(d, emb, pre)
+        if idx.stale_reason:
+            raise RagsegError(f"{d}: {idx.stale_reason}; rebuild it with `ragseg index build`")
+        return idx
+    labels = next((p for p in (d / "labels" / "final", d / "labels") if p.is_dir()), None)
+    if labels is None:
+        raise RagsegError(f"{d}: neither an index directory (index.npz) nor a dataset with a labels/ folder")
+    import hashlib
+
+    sub = hashlib.sha256(index_id(emb, pre).encode()).hexdigest()[:12]
+    idx = open_index(d / ".ragseg" / f"index-{sub}", emb, pre)
+    rep = sync_index(idx, emb, pre, discover_pairs(d, labels), progress=True)
+    logger.info("support index %s", rep)
+    return idx
+
+
+def cmd_segment(a: argparse.Namespace) -> int:
+    from .factory import load_embedder, load_engine
+    from .pipeline import Segmenter
+    from .volume import image_id_of, load_image, save_label
+
+    cfg = _model_config(a)
+    pre = _preprocess(a)
+    img = load_image(a.image)  # fail fast on a bad input, before loading models
+    out = Path(a.output) if a.output else Path(a.image).with_name(f"{image_id_of(a.image)}_seg.nii.gz")
+    emb = load_embedder(cfg)
+    eng = load_engine(cfg)
+    index = _supports_index(a, emb, pre)
+    if len(index) == 0:
+        raise RagsegError(f"{a.supports}: no labeled slice to use as support")
+    seg = Segmenter(eng, emb, index, pre, k=a.k, allow_same_image=not a.exclude_same_image, propagate=a.propagate)
+    labels = [int(x) for x in a.labels.split(",")] if a.labels else None
+    res = seg.segment_volume(img, image_id=image_id_of(a.image), labels=labels, progress=True)
+    save_label(out, res.label_map, img, dtype="uint8" if res.label_map.max() < 256 else "uint16")
+    for v in res.missing_labels:
+        print(f"warning: label {v} has no labeled slice in the support pool; not segmented", file=sys.stderr)
+    counts = {int(v): int((res.label_map == v).sum()) for v in sorted(res.supports)}
+    print(json.dumps({"output": str(out), "voxels_per_label": counts, "missing_labels": res.missing_labels}))
+    return 0
+
+
+def cmd_sample_data(a: argparse.Namespace) -> int:
+    from .synthetic import make_dataset
+
+    ids = make_dataset(a.dir, n_subjects=a.subjects, n_labeled=a.labeled, seed=a.seed,
+                       partial_slices=a.partial_slices)
+    print(f"wrote {len(ids)} subjects to {a.dir} ({a.labeled} with labels in labels/final)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ragseg", description="Few-shot segmentation with retrieval-augmented SAM 2")
+    p.add_argument("--version", action="version", version=f"ragseg {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    w = sub.add_parser("weights", help="list, fetch (with SHA-256 check) or verify official checkpoints")
+    w.add_argument("action", choices=("list", "fetch", "verify"))
+    w.add_argument("name", nargs="?")
+    w.add_argument("--dir", help="weights directory (default $RAGSEG_WEIGHTS_DIR or ~/.cache/ragseg/weights)")
+    w.add_argument("--sha256", help="expected digest, for files whose digest the registry lacks")
+    w.add_argument("--pin", action="store_true", help="trust the first download and record its digest")
+    w.add_argument("--force", action="store_true", help="download again even if verified")
+    w.set_defaults(func=cmd_weights)
+
+    ix = sub.add_parser("index", help="build the labeled-slice index")
+    ixs = ix.add_subparsers(dest="index_command", required=True)
+    b = ixs.add_parser("build", help="index every labeled slice of IMAGES with labels in LABELS")
+    b.add_argument("images")
+    b.add_argument("labels")
+    b.add_argument("--index", required=True, help="index directory")
+    b.add_argument("--kind", default="auto", choices=("auto", "flat", "ivf", "hnsw"))
+    b.add_argument("--keep-missing", action="store_true", help="keep indexed images that have no label now")
+    _model_args(b)
+    b.set_defaults(func=cmd_index_build)
+
+    s = sub.add_parser("segment", help="segment IMAGE from labeled supports; writes a label file")
+    s.add_argument("image")
+    s.add_argument("--supports", required=True, help="index directory, or dataset folder with labels/")
+    s.add_argument("-o", "--output", help="label file to write (.nii.gz or .nrrd; default IMAGE_seg.nii.gz)")
+    s.add_argument("-k", type=int, default=defaults.DEFAULT_K, help="supports per label (default %(default)s)")
+    s.add_argument("--labels", help="comma-separated label values (default: all in the pool)")
+    s.add_argument("--propagate", action="store_true", help="3D consistency: track through neighbouring slices")
+    s.add_argument("--exclude-same-image", action="store_true",
+                   help="never use labeled slices of IMAGE itself as supports")
+    _model_args(s)
+    s.set_defaults(func=cmd_segment)
+
+    sd = sub.add_parser("sample-data", help="write a small synthetic dataset (MONAI Label layout)")
+    sd.add_argument("dir")
+    sd.add_argument("--subjects", type=int, default=6)
+    sd.add_argument("--labeled", type=int, default=2)
+    sd.add_argument("--partial-slices", type=int, default=0)
+    sd.add_argument("--seed", type=int, default=0)
+    sd.set_defaults(func=cmd_sample_data)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        from .factory import set_threads
+
+        set_threads()
+        return int(a.func(a) or 0)
+    except RagsegError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,386 @@
+"""The whole path: datastore -> volumes -> embeddings -> index -> engine -> label map.
+
+* :func:`sync_index` makes the index match a set of labeled volumes (adds new labels, replaces
+  re-saved ones, drops deleted ones); it is how the index is rebuilt from the labels.
+* :class:`Segmenter` segments a volume (or some of its slices) from the indexed pool.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import defaults
+from .embedders import Embedder
+from .engine import RagSam2Engine, Support
+from .errors import InputError, RagsegError
+from .index import SliceIndex, SliceRecord
+from .volume import (
+    IMAGE_EXTS,
+    Volume,
+    canonical_slices,
+    file_checksum,
+    image_id_of,
+    load_image,
+    load_label,
+    normalize_intensities,
+    resize_logits,
+    resolve_axis,
+    slices_to_volume,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How a volume becomes slices; part of the index and cache identity.
+
+    axis: 'axial' / 'coronal' / 'sagittal' or 0/1/2 (canonical RAS axes).
+    modality: 'auto', 'CT' or 'MR' (see :func:`ragseg.volume.normalize_intensities`).
+    ct_window: CT window preset name.
+    """
+
+    axis: int | str = "axial"
+    modality: str = "auto"
+    ct_window: str = defaults.DEFAULT_CT_WINDOW
+
+    @property
+    def axis_index(self) -> int:
+        return resolve_axis(self.axis)
+
+    @property
+    def id(self) -> str:
+        return f"axis{self.axis_index}-{self.modality}-{self.ct_window}"
+
+    def slices(self, vol: Volume) -> np.ndarray:
+        """[n, H, W] float32 in [0, 1], canonical orientation."""
+        return canonical_slices(normalize_intensities(vol.array, self.modality, self.ct_window),
+                                vol.affine, self.axis_index)
+
+    def label_slices(self, lab: Volume) -> np.ndarray:
+        return canonical_slices(lab.array, lab.affine, self.axis_index)
+
+
+@dataclass
+class LabeledVolume:
+    image_id: str
+    image_path: str
+    label_path: str
+
+
+def discover_pairs(images: str | Path, labels: str | Path) -> list[LabeledVolume]:
+    """Images in ``images`` that have a label file of the same id in ``labels``."""
+    images, labels = Path(images), Path(labels)
+    if not images.is_dir():
+        raise InputError(images, "image folder does not exist")
+    if not labels.is_dir():
+        raise InputError(labels, "label folder does not exist")
+    lab_by_id = {image_id_of(p): p for p in labels.iterdir()
+                 if p.is_file() and p.name.lower().endswith(IMAGE_EXTS)}
+    out = []
+    for p in sorted(images.iterdir()):
+        if p.is_file() and p.name.lower().endswith(IMAGE_EXTS) and image_id_of(p) in lab_by_id:
+            out.append(LabeledVolume(image_id_of(p), str(p), str(lab_by_id[image_id_of(p)])))
+    return out
+
+
+def index_id(embedder: Embedder, pre: Preprocess) -> str:
+    """What the stored vectors depend on: the embedder and the slicing/normalisation."""
+    return f"{embedder.id}|{pre.id}"
+
+
+def open_index(directory: str | Path, embedder: Embedder, pre: Preprocess, **kwargs) -> SliceIndex:
+    return SliceIndex(directory, embedder_id=index_id(embedder, pre), dim=embedder.dim, **kwargs)
+
+
+def embed_labeled_volume(item: LabeledVolume, embedder: Embedder, pre: Preprocess
+                         ) -> tuple[np.ndarray, list[SliceRecord]]:
+    """Embeddings and records of every slice of ``item`` that carries a label.
+
+    Slices with no label voxel are not indexed: in a partly labeled volume an empty slice may
+    just be unlabeled, so it is not evidence of "no structure here".
+    """
+    img = load_image(item.image_path)
+    lab = load_label(item.label_path, like=img)
+    lab_s = pre.label_slices(lab)
+    present = [np.unique(s) for s in lab_s]
+    keep = [i for i, u in enumerate(present) if (u > 0).any()]
+    if not keep:
+        return np.zeros((0, embedder.dim), np.float32), []
+    vecs = embedder.embed(pre.slices(img)[keep])
+    lc, ic = file_checksum(item.label_path), file_checksum(item.image_path)
+    recs = [SliceRecord(item.image_id, int(i), [int(v) for v in present[i] if v > 0], lc, ic,
+                        str(item.image_path), str(item.label_path), {"preprocess": pre.id}) for i in keep]
+    return vecs, recs
+
+
+@dataclass
+class SyncReport:
+    added: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return (f"added {len(self.added)}, updated {len(self.updated)}, removed {len(self.removed)}, "
+                f"unchanged {len(self.unchanged)}, failed {len(self.failed)}")
+
+
+def sync_index(index: SliceIndex, embedder: Embedder, pre: Preprocess, items: Sequence[LabeledVolume], *,
+               remove_missing: bool = True, progress: bool = False) -> SyncReport:
+    """Make ``index`` hold exactly the labeled slices of ``items``.
+
+    A volume is (re-)embedded when it is new or its label/image checksum changed; images no
+    longer in ``items`` are removed. A volume that fails to load is reported, not fatal.
+    """
+    rep = SyncReport()
+    stored = index.images()
+    wanted = {it.image_id for it in items}
+    for it in tqdm(items, desc="indexing labels", disable=not progress, unit="vol"):
+        try:
+            lc, ic = file_checksum(it.label_path), file_checksum(it.image_path)
+            st = stored.get(it.image_id)
+            if st and st["label_checksum"] == lc and st["image_checksum"] == ic:
+                rep.unchanged.append(it.image_id)
+                continue
+            vecs, recs = embed_labeled_volume(it, embedder, pre)
+            index.replace_image(it.image_id, vecs, recs)
+            (rep.updated if st else rep.added).append(it.image_id)
+        except (RagsegError, OSError) as e:
+            logger.warning("cannot index %s: %s", it.image_id, e)
+            rep.failed[it.image_id] = str(e)
+    if remove_missing:
+        for image_id in set(stored) - wanted:
+            index.remove_image(image_id)
+            rep.removed.append(image_id)
+    return rep
+
+
+def _rkey(hit, label: int) -> tuple[str, int, int]:
+    return (hit.record.image_id, hit.record.slice_index, label)
+
+
+class SupportStore:
+    """Loads support slices and masks for index records (a few volumes cached in RAM)."""
+
+    def __init__(self, pre: Preprocess, max_volumes: int = 4):
+        self.pre = pre
+        self.max_volumes = max_volumes
+        self._vols: OrderedDict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _volume(self, rec: SliceRecord) -> tuple[np.ndarray, np.ndarray]:
+        key = (rec.image_path, rec.label_path)
+        with self._lock:
+            if key in self._vols:
+                self._vols.move_to_end(key)
+                return self._vols[key]
+        img = load_image(rec.image_path)
+        lab = load_label(rec.label_path, like=img)
+        val = (self.pre.slices(img), self.pre.label_slices(lab))
+        with self._lock:
+            self._vols[key] = val
+            while len(self._vols) > self.max_volumes:
+                self._vols.popitem(last=False)
+        return val
+
+    def support(self, rec: SliceRecord, label: int) -> Support:
+        key = f"{rec.image_checksum}|{rec.label_checksum}|{self.pre.id}|{rec.slice_index}|{label}"
+
+        def load() -> tuple[np.ndarray, np.ndarray]:
+            img, lab = self._volume(rec)
+            return img[rec.slice_index], lab[rec.slice_index] == label
+
+        return Support(hashlib.sha256(key.encode()).hexdigest(), load)
+
+
+@dataclass
+class SegmentationResult:
+    """A volume's segmentation on the input grid.
+
+    label_map: int array with the input image's shape (0 = background).
+    probabilities: label value -> float16 probability array on the same grid (when requested).
+    supports: label value -> list of (image_id, slice_index) pairs used (first query slice).
+    missing_labels: requested labels with no labeled slice in the pool.
+    slices: canonical slice indices that were segmented.
+    """
+
+    label_map: np.ndarray
+    probabilities: dict[int, np.ndarray] = field(default_factory=dict)
+    supports: dict[int, list[tuple[str, int]]] = field(default_factory=dict)
+    missing_labels: list[int] = field(default_factory=list)
+    slices: list[int] = field(default_factory=list)
+
+
+class Segmenter:
+    """Segments volumes from the labeled pool in ``index``.
+
+    Args:
+        engine: the RAG-SAM 2 engine.
+        embedder: the embedder the index was built with.
+        index: the labeled-slice index.
+        pre: slicing and normalisation (must match the index's).
+        k: supports retrieved per label and query slice.
+        allow_same_image: let other labeled slices of the query's own image be supports
+            (intra-volume few-shot). Off for leave-one-subject-out evaluation.
+        propagate: 3D-consistency mode (track through neighbouring slices, see
+            :meth:`RagSam2Engine.propagate`).
+    """
+
+    def __init__(self, engine: RagSam2Engine, embedder: Embedder, index: SliceIndex, pre: Preprocess, *,
+                 k: int = defaults.DEFAULT_K, allow_same_image: bool = True, propagate: bool = False):
+        if not 1 <= k <= defaults.MAX_K:
+            raise RagsegError(f"k must be between 1 and {defaults.MAX_K}, got {k}")
+        if index.embedder_id != index_id(embedder, pre):
+            raise RagsegError(f"index was built for {index.embedder_id}, not {index_id(embedder, pre)}")
+        self.engine, self.embedder, self.index, self.pre = engine, embedder, index, pre
+        self.k, self.allow_same_image, self.propagate = k, allow_same_image, propagate
+        self.store = SupportStore(pre)
+
+    def pool_labels(self) -> list[int]:
+        return sorted({v for r in self.index.records() for v in r.labels})
+
+    @torch.inference_mode()
+    def segment_volume(self, image: Volume | str | Path, *, image_id: str | None = None,
+                       labels: Iterable[int] | None = None, slices: Iterable[int] | None = None,
+                       return_probabilities: bool = False, progress: bool = False) -> SegmentationResult:
+        """Segment ``image`` (all slices, or the canonical slice indices ``slices``).
+
+        Args:
+            image_id: the image's id in the pool, so its own slice is never its support (and,
+                without ``allow_same_image``, none of its slices is).
+            labels: label values to segment (default: every label in the pool).
+        """
+        vol = image if isinstance(image, Volume) else load_image(image)
+        image_id = image_id or image_id_of(vol.path or "query")
+        all_slices = self.pre.slices(vol)
+        n_total, H, W = all_slices.shape
+        sel = list(range(n_total)) if slices is None else sorted(set(int(s) for s in slices))
+        bad = [s for s in sel if not 0 <= s < n_total]
+        if bad:
+            raise InputError(vol.path, f"slice indices {bad[:5]} out of range 0..{n_total - 1}")
+        pool = self.pool_labels()
+        want = pool if labels is None else sorted(set(int(v) for v in labels))
+        missing = [v for v in want if v not in pool]
+        active = [v for v in want if v in pool]
+        res = SegmentationResult(np.zeros(vol.shape, dtype=np.uint8 if max(want or [0]) < 256 else np.uint16),
+                                 missing_labels=missing, slices=sel)
+        if not active or not sel:
+            return res
+
+        q = all_slices[sel]
+        qvec = self.embedder.embed(q)
+        excl_img = [] if self.allow_same_image else [image_id]
+        # supports per label and query slice, most similar last (nearest frame to the query)
+        per_label: dict[int, list[list]] = {}
+        for v in active:
+            if self.propagate:
+                mean = qvec.mean(0, keepdims=True)
+                mean /= max(float(np.linalg.norm(mean)), 1e-12)
+                hits = self.index.search(mean, self.k, label=v, exclude=[(image_id, s) for s in sel],
+                                         exclude_images=excl_img)[0]
+                per_label[v] = [hits[::-1]] * len(sel)
+            else:
+                hits = self.index.search(qvec, self.k, label=v, exclude=[(image_id, s) for s in sel],
+                                         exclude_images=excl_img)
+                per_label[v] = [h[::-1] for h in hits]
+        for v in active:
+            first = per_label[v][0]
+            res.supports[v] = [(h.record.image_id, h.record.slice_index) for h in first]
+        # labels that only the query slices themselves carry have no usable support
+        for v in list(active):
+            if all(len(h) == 0 for h in per_label[v]):
+                active.remove(v)
+                res.missing_labels.append(v)
+        if not active:
+            return res
+
+        # every distinct support memory, computed (or read from cache) once for the volume
+        sup_objs: dict[tuple[int, int], Support] = {}
+        for v in active:
+            for hits in per_label[v]:
+                for h in hits:
+                    rid = _rkey(h, v)
+                    if rid not in sup_objs:
+                        sup_objs[rid] = self.store.support(h.record, v)
+        order = list(sup_objs)
+        mems = dict(zip(order, self.engine.support_memories([sup_objs[r] for r in order])))
+
+        n_sel, L = len(sel), len(active)
+        # float16 halves the volume-sized buffer; -1024 and the 0 threshold are exact in it
+        logits = torch.full((n_sel, L, H, W), -1024.0, dtype=torch.float16)
+        if self.propagate:
+            logits = self._propagate(q, active, per_label, mems, (H, W))
+        else:
+            eb = self.engine.encode_batch
+            for s in tqdm(range(0, n_sel, eb), desc="segmenting", disable=not progress, unit="batch"):
+                chunk = list(range(s, min(n_sel, s + eb)))
+                feats = self.engine.encode_images(self.engine.prepare_images(q[chunk]))
+                groups: dict[int, list[tuple[int, int]]] = {}
+                for ci, qi in enumerate(chunk):
+                    for li, v in enumerate(active):
+                        hits = per_label[v][qi]
+                        if hits:
+                            groups.setdefault(len(hits), []).append((ci, li))
+                for _, items in groups.items():
+                    f = feats.select([ci for ci, _ in items])
+                    mem_lists = [[mems[_rkey(h, active[li])] for h in per_label[active[li]][chunk[ci]]]
+                                 for ci, li in items]
+                    low, _ = self.engine.segment(f, mem_lists)
+                    up = resize_logits(low, (H, W))[:, 0].cpu()
+                    for j, (ci, li) in enumerate(items):
+                        logits[chunk[ci], li] = up[j]
+        self._write_result(res, vol, logits, active, sel, n_total, return_probabilities)
+        return res
+
+    def _propagate(self, q: np.ndarray, active: list[int], per_label: dict, mems: dict,
+                   hw: tuple[int, int]) -> torch.Tensor:
+        groups: dict[int, list[int]] = {}
+        for li, v in enumerate(active):
+            groups.setdefault(len(per_label[v][0]), []).append(li)
+        out = torch.full((len(q), len(active), *hw), -1024.0, dtype=torch.float16)
+        cache: dict[int, object] = {}
+
+        def feats(j: int):
+            if j not in cache:
+                cache.clear()
+                eb = self.engine.encode_batch
+                start = (j // eb) * eb
+                f = self.engine.encode_images(self.engine.prepare_images(q[start:start + eb]))
+                for t in range(len(f)):
+                    cache[start + t] = f.select([t])
+            return cache[j]
+
+        for _, lis in groups.items():
+            mem_lists = [[mems[_rkey(h, active[li])] for h in per_label[active[li]][0]] for li in lis]
+            low = self.engine.propagate(feats, len(q), mem_lists)  # [n, objs, h, w]
+            for j in range(len(q)):
+                out[j, lis] = resize_logits(low[j][None], hw)[0].cpu()
+        return out
+
+    def _write_result(self, res: SegmentationResult, vol: Volume, logits: torch.Tensor, active: list[int],
+                      sel: list[int], n_total: int, return_probabilities: bool) -> None:
+        # per pixel: the label with the highest logit, if that logit says "present"
+        best, arg = logits.max(dim=1)
+        lab = torch.tensor(active, dtype=torch.int64)[arg]
+        lab[best <= defaults.MASK_THRESHOLD] = 0
+        full = np.zeros((n_total, *logits.shape[-2:]), dtype=res.label_map.dtype)
+        full[sel] = lab.numpy().astype(res.label_map.dtype)
+        res.label_map = slices_to_volume(full, vol.affine, self.pre.axis_index).copy()
+        if return_probabilities:
+            probs = torch.sigmoid(logits.float()).numpy().astype(np.float16)
+            for li, v in enumerate(active):
+                p = np.zeros((n_total, *logits.shape[-2:]), dtype=np.float16)
+                p[sel] = probs[:, li]
+                res.probabilities[v] = slices_to_volume(p, vol.affine, self.pre.axis_index).copy()

@@ -1,0 +1,159 @@
+"""Slice index: exact retrieval, replace on re-save, persistence, crash safety, concurrency."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from ragseg.embedders import l2_normalize
+from ragseg.index import SliceIndex, SliceRecord
+
+D = 16
+
+
+def _recs(image_id, n, labels=(1,), checksum="c0"):
+    return [SliceRecord(image_id, i, list(labels), checksum) for i in range(n)]
+
+
+def _vecs(rng, n, d=D):
+    return l2_normalize(rng.standard_normal((n, d)))
+
+
+def test_search_matches_brute_force(tmp_path, rng):
+    idx = SliceIndex(tmp_path, embedder_id="e", dim=D)
+    all_v, all_r = [], []
+    for j in range(10):
+        v = _vecs(rng, 12)
+        r = _recs(f"img{j}", 12)
+        idx.replace_image(f"img{j}", v, r)
+        all_v.append(v)
+        all_r += r
+    V = np.concatenate(all_v)
+    q = _vecs(rng, 5)
+    hits = idx.search(q, 7)
+    brute = np.argsort(-(q @ V.T), axis=1)[:, :7]
+    for qi in range(5):
+        got = [(h.record.image_id, h.record.slice_index) for h in hits[qi]]
+        want = [(all_r[i].image_id, all_r[i].slice_index) for i in brute[qi]]
+        assert got == want
+        assert np.allclose([h.score for h in hits[qi]], (q[qi] @ V.T)[brute[qi]], atol=1e-5)
+
+
+def test_filters_and_exclusions(tmp_path, rng):
+    idx = SliceIndex(tmp_path, embedder_id="e", dim=D)
+    v = _vecs(rng, 6)
+    recs = [SliceRecord("a", i, [1] if i % 2 else [2], "c") for i in range(6)]
+    idx.replace_image("a", v, recs)
+    idx.replace_image("b", _vecs(rng, 3), [SliceRecord("b", i, [1, 2], "c") for i in range(3)])
+    # the query is slice 1 of image a: it must never come back, even as its own best match
+    h = idx.search(v[1:2], 20, exclude=[("a", 1)])[0]
+    assert ("a", 1) not in [(x.record.image_id, x.record.slice_index) for x in h] and len(h) == 8
+    h = idx.search(v[1:2], 20, label=2)[0]
+    assert all(2 in x.record.labels for x in h) and len(h) == 6
+    h = idx.search(v[1:2], 20, exclude_images=["a"])[0]
+    assert {x.record.image_id for x in h} == {"b"}
+
+
+def test_replace_on_resave_and_persistence(tmp_path, rng):
+    idx = SliceIndex(tmp_path, embedder_id="e", dim=D)
+    idx.replace_image("a", _vecs(rng, 5), _recs("a", 5, checksum="old"))
+    idx.replace_image("b", _vecs(rng, 2), _recs("b", 2))
+    new = _vecs(rng, 3)
+    idx.replace_image("a", new, _recs("a", 3, checksum="new"))
+    assert len(idx) == 5
+    assert idx.images()["a"] == {"label_checksum": "new", "image_checksum": "", "n_slices": 3}
+    # a new instance (another process) reads the same content
+    again = SliceIndex(tmp_path, embedder_id="e", dim=D)
+    assert again.images() == idx.images()
+    hits = again.search(new[0:1], 1)[0]
+    assert hits[0].record.image_id == "a" and hits[0].record.label_checksum == "new"
+    assert again.remove_image("a") == 3 and len(again) == 2
+    assert len(idx) == 2  # the first instance picks up the other's change
+
+
+def test_stale_and_corrupt_index_are_detected(tmp_path, rng):
+    idx = SliceIndex(tmp_path, embedder_id="e1", dim=D)
+    idx.replace_image("a", _vecs(rng, 2), _recs("a", 2))
+    other = SliceIndex(tmp_path, embedder_id="e2", dim=D)
+    assert other.stale_reason and "embedder changed" in other.stale_reason and len(other) == 0
+    (tmp_path / "index.npz").write_bytes(b"garbage")
+    broken = SliceIndex(tmp_path, embedder_id="e1", dim=D)
+    assert broken.stale_reason and "unreadable" in broken.stale_reason and len(broken) == 0
+    broken.replace_image("a", _vecs(rng, 2), _recs("a", 2))  # rebuilding works
+    assert SliceIndex(tmp_path, embedder_id="e1", dim=D).stale_reason is None
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_approximate_index_recall(tmp_path, rng, kind):
+    # slice embeddings are clustered (neighbouring slices, similar subjects): a Gaussian mixture
+    n = 4000
+    centers = _vecs(rng, 40, 32)
+    V = l2_normalize(centers[rng.integers(0, 40, n)] + 0.35 * rng.standard_normal((n, 32)))
+    idx = SliceIndex(tmp_path, embedder_id="e", dim=32, kind=kind)
+    idx.replace_image("x", V, [SliceRecord("x", i, [1], "c") for i in range(n)])
+    q = l2_normalize(V[:50] + 0.3 * _vecs(rng, 50, 32))
+    exact = np.argsort(-(q @ V.T), axis=1)[:, :10]
+    got = idx.search(q, 10)
+    recall = np.mean([len({h.record.slice_index for h in got[i]} & set(exact[i])) / 10 for i in range(50)])
+    assert recall >= 0.9, recall
+
+
+WRITER = textwrap.dedent("""
+    import sys, numpy as np
+    from ragseg.index import SliceIndex, SliceRecord
+    d, tag, n_img, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    idx = SliceIndex(d, embedder_id="e", dim=64)
+    rng = np.random.default_rng(abs(hash(tag)) % 2**32)
+    for j in range(n_img):
+        v = rng.standard_normal((n, 64)).astype("float32")
+        v /= np.linalg.norm(v, axis=1, keepdims=True)
+        idx.replace_image(f"{tag}{j}", v, [SliceRecord(f"{tag}{j}", i, [1], "c") for i in range(n)])
+        print("saved", j, flush=True)
+""")
+
+
+def _spawn(tmp_path, tag, n_img, n):
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    return subprocess.Popen([sys.executable, str(script), str(tmp_path / "idx"), tag, str(n_img), str(n)],
+                            stdout=subprocess.PIPE, text=True)
+
+
+def test_two_processes_adding_concurrently_lose_nothing(tmp_path):
+    procs = [_spawn(tmp_path, t, 15, 20) for t in ("p", "q")]
+    for p in procs:
+        assert p.wait(timeout=120) == 0
+    idx = SliceIndex(tmp_path / "idx", embedder_id="e", dim=64)
+    imgs = idx.images()
+    assert set(imgs) == {f"{t}{j}" for t in "pq" for j in range(15)}
+    assert all(v["n_slices"] == 20 for v in imgs.values()) and len(idx) == 600
+
+
+def test_crash_mid_write_leaves_a_loadable_index(tmp_path):
+    """SIGKILL a writer while its temp file is being written; the index always loads, consistent."""
+    d = tmp_path / "idx"
+    killed_mid_write = 0
+    for trial in range(5):
+        p = _spawn(tmp_path, f"t{trial}_", 40, 4000)  # ~1 MB more per save: writes take a while
+        p.stdout.readline()  # one complete save exists
+        deadline = time.time() + 20
+        while time.time() < deadline and not list(d.glob(".index.*.npz")):
+            time.sleep(0.0002)
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        killed_mid_write += bool(list(d.glob(".index.*.npz")))
+        idx = SliceIndex(d, embedder_id="e", dim=64)
+        assert idx.stale_reason is None, idx.stale_reason
+        imgs = idx.images()
+        assert len(idx) == sum(v["n_slices"] for v in imgs.values()) and len(idx) > 0
+        assert all(v["n_slices"] == 4000 for v in imgs.values())
+    assert killed_mid_write >= 3  # the kills really landed inside writes
+    SliceIndex(d, embedder_id="e", dim=64).remove_image("t0_0")  # the next writer cleans debris
+    assert not list(d.glob(".index.*.npz"))
