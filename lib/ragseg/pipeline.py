@@ -366,7 +366,7 @@ class Segmenter:
             mem_lists = [[mems[_rkey(h, active[li])] for h in per_label[active[li]][0]] for li in lis]
             low = self.engine.propagate(feats, len(q), mem_lists)  # [n, objs, h, w]
             for j in range(len(q)):
-                out[j, lis] = resize_logits(low[j][None], hw)[0].cpu()
+                out[j, lis] = resize_logits(low[j][None], hw)[0].cpu().to(out.dtype)
         return out
 
     def _write_result(self, res: SegmentationResult, vol: Volume, logits: torch.Tensor, active: list[int],

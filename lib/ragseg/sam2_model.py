@@ -46,10 +46,9 @@ def _compose(config: str, overrides: list[str]):
     ``monailabel.sam2.infer`` re-initialises global Hydra to its own folder; after that,
     sam2's package configs are not found until Hydra points at the sam2 module again.
     """
+    import sam2  # noqa: F401  (initialises Hydra on the sam2 config module at import)
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
-
-    import sam2  # noqa: F401  (initialises Hydra on the sam2 config module at import)
 
     with _hydra_lock:
         try:

@@ -7,9 +7,11 @@ the command that fetches it.
 
 SHA-256: where this registry has a digest, a download that does not match it is deleted and an
 error raised. The registry was written on a machine with no route to the hosting servers, so
-digests that could not be read there are ``None``: ``fetch`` then refuses unless the user passes
+digests that could not be read there are ``None`` (all of them, today): ``fetch`` then refuses unless the user passes
 the digest they trust (``--sha256``) or ``--pin``, which records the digest of the first download
 in ``pins.json`` beside the weights and verifies every later load/fetch against it.
+
+Sites with an internal mirror set ``RAGSEG_WEIGHTS_MIRROR`` (files at ``<mirror>/<name>/<file>``).
 """
 
 from __future__ import annotations
@@ -86,6 +88,12 @@ SAM2_VARIANTS = {"hiera_t": "sam2.1-hiera-tiny", "hiera_s": "sam2.1-hiera-small"
 def weights_dir() -> Path:
     """Where fetched weights live: $RAGSEG_WEIGHTS_DIR, else ~/.cache/ragseg/weights."""
     return Path(os.environ.get("RAGSEG_WEIGHTS_DIR", Path.home() / ".cache" / "ragseg" / "weights"))
+
+
+def _url(spec: WeightSpec, wf: WeightFile) -> str:
+    """The file's URL, or its place on a site mirror ($RAGSEG_WEIGHTS_MIRROR/<name>/<file>)."""
+    mirror = os.environ.get("RAGSEG_WEIGHTS_MIRROR")
+    return f"{mirror.rstrip('/')}/{spec.name}/{wf.filename}" if mirror else wf.url
 
 
 def fetch_command_for(name: str) -> str:
@@ -188,30 +196,34 @@ def fetch(name: str, *, root: Path | None = None, sha256: str | None = None, pin
     pins = _read_pins(root)
     for wf in spec.files:
         key = f"{spec.name}/{wf.filename}"
-        want = wf.sha256 or (sha256 if len(spec.files) == 1 or wf.filename.endswith(".safetensors") else None) \
-            or pins.get(key)
+        is_weights = wf.filename.endswith((".pt", ".safetensors"))
+        want = wf.sha256 or (sha256 if is_weights else None) or pins.get(key)
+        # metadata files (config.json) of a checkpoint whose weights digest the user gave are
+        # pinned on first fetch: the weights file is what the digest must protect
+        may_pin = pin or (sha256 is not None and not is_weights)
         dest = d / wf.filename
         if dest.exists() and not force and want and sha256_of(dest) == want:
             logger.info("%s already present and verified", dest)
             continue
-        if want is None and not pin:
+        if want is None and not may_pin:
             raise ChecksumError(
                 f"no known SHA-256 for {key}: pass --sha256 <digest from the publisher> or --pin to "
                 "record the digest of this download and verify against it from now on")
         fd, tmp = tempfile.mkstemp(dir=str(d), prefix=f".{wf.filename}.")
         os.close(fd)
         try:
-            got = _download(wf.url, Path(tmp))
+            url = _url(spec, wf)
+            got = _download(url, Path(tmp))
             if want is not None and got != want:
-                raise ChecksumError(f"{wf.url}: SHA-256 {got} does not match expected {want}; file discarded")
+                raise ChecksumError(f"{url}: SHA-256 {got} does not match expected {want}; file discarded")
             os.replace(tmp, dest)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-        if want is None:
+        if wf.sha256 is None and pins.get(key) != got:
             pins[key] = got
             _write_pins(root, pins)
-            logger.warning("pinned %s to SHA-256 %s (first fetch)", key, got)
+            logger.warning("pinned %s to SHA-256 %s", key, got)
     return d
 
 

@@ -1,0 +1,179 @@
+"""The whole path on generated data: volume -> embeddings -> index -> retrieval -> engine -> label file.
+
+SAM 2.1 hiera-t and DINOv2 have random weights here, so the masks carry no meaning; what is
+checked is the plumbing: which slices are indexed, which supports are used, shapes, geometry,
+caching and index/label consistency.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from ragseg.engine import RagSam2Engine, SupportMemoryCache
+from ragseg.pipeline import Preprocess, Segmenter, discover_pairs, open_index, sync_index
+from ragseg.synthetic import make_dataset, make_subject, write_subject
+from ragseg.volume import load_image, load_label, save_label
+
+SHAPE = (40, 36, 12)
+
+
+@pytest.fixture()
+def dataset(tmp_path):
+    make_dataset(tmp_path / "ds", n_subjects=4, n_labeled=2, shape=SHAPE)
+    return tmp_path / "ds"
+
+
+def _labeled_slices(label_path):
+    lab = nib.load(label_path).get_fdata()
+    return {int(z) for z in np.nonzero(lab.any(axis=(0, 1)))[0]}
+
+
+def test_sync_index_tracks_labels(tmp_path, dataset, dino_embedder):
+    pre = Preprocess()
+    labels = dataset / "labels" / "final"
+    idx = open_index(tmp_path / "idx", dino_embedder, pre)
+    rep = sync_index(idx, dino_embedder, pre, discover_pairs(dataset, labels))
+    assert sorted(rep.added) == ["subject_00", "subject_01"]
+    for sid in ("subject_00", "subject_01"):  # exactly the slices that carry a label
+        got = {r.slice_index for r in idx.records() if r.image_id == sid}
+        assert got == _labeled_slices(labels / f"{sid}.nii.gz")
+    rec = next(r for r in idx.records() if r.image_id == "subject_00")
+    lab_sl = np.moveaxis(nib.load(labels / "subject_00.nii.gz").get_fdata(), 2, 0)[rec.slice_index]
+    assert rec.labels == sorted(int(v) for v in np.unique(lab_sl) if v > 0)
+
+    assert sync_index(idx, dino_embedder, pre, discover_pairs(dataset, labels)).unchanged == ["subject_00", "subject_01"]
+
+    # re-save subject_00 with fewer labeled slices: its stale vectors are replaced
+    img = load_image(dataset / "subject_00.nii.gz")
+    lab = load_label(labels / "subject_00.nii.gz", like=img)
+    arr = lab.array.copy()
+    arr[..., : SHAPE[2] // 2] = 0
+    save_label(labels / "subject_00.nii.gz", arr, img)
+    rep = sync_index(idx, dino_embedder, pre, discover_pairs(dataset, labels))
+    assert rep.updated == ["subject_00"]
+    assert {r.slice_index for r in idx.records() if r.image_id == "subject_00"} == _labeled_slices(
+        labels / "subject_00.nii.gz")
+
+    # a deleted label removes its slices; a newly labeled image appears
+    os.remove(labels / "subject_01.nii.gz")
+    s = make_subject(2, shape=SHAPE)
+    nib.save(nib.Nifti1Image(s.label, s.affine), labels / "subject_02.nii.gz")
+    rep = sync_index(idx, dino_embedder, pre, discover_pairs(dataset, labels))
+    assert rep.removed == ["subject_01"] and rep.added == ["subject_02"]
+    assert set(idx.images()) == {"subject_00", "subject_02"}
+
+
+def test_rebuild_after_embedder_change(tmp_path, dataset, dino_embedder):
+    from ragseg.embedders import DinoV2Embedder
+
+    pre = Preprocess()
+    items = discover_pairs(dataset, dataset / "labels" / "final")
+    idx = open_index(tmp_path / "idx", dino_embedder, pre)
+    sync_index(idx, dino_embedder, pre, items)
+    n = len(idx)
+    other = DinoV2Embedder.random(seed=1, image_size=56, pooling="mean")
+    idx2 = open_index(tmp_path / "idx", other, pre)
+    assert idx2.stale_reason and len(idx2) == 0
+    sync_index(idx2, other, pre, items)
+    assert len(idx2) == n and idx2.stale_reason is None
+
+
+def _segmenter(tmp_path, sam2_model, emb, dataset, **kw):
+    pre = Preprocess()
+    idx = open_index(tmp_path / "idx", emb, pre)
+    sync_index(idx, emb, pre, discover_pairs(dataset, dataset / "labels" / "final"))
+    eng = RagSam2Engine(sam2_model, model_id="t", cache=SupportMemoryCache(tmp_path / "mem"))
+    return Segmenter(eng, emb, idx, pre, **kw)
+
+
+@pytest.mark.slow
+def test_segment_volume_end_to_end(tmp_path, dataset, sam2_model, dino_embedder):
+    seg = _segmenter(tmp_path, sam2_model, dino_embedder, dataset, k=2)
+    # a query stored in another orientation (PSR) with anisotropic voxels
+    s = make_subject(9, shape=SHAPE, spacing=(1.2, 0.9, 2.5), orientation="PSR")
+    write_subject(s, tmp_path / "q.nii.gz")
+    res = seg.segment_volume(tmp_path / "q.nii.gz", image_id="q", labels=[1, 2, 3, 7], return_probabilities=True)
+    img = load_image(tmp_path / "q.nii.gz")
+    assert res.label_map.shape == img.shape
+    assert res.missing_labels == [7]
+    assert set(np.unique(res.label_map)) <= {0, 1, 2, 3}
+    assert set(res.supports) == {1, 2, 3} and all(len(v) == 2 for v in res.supports.values())
+    assert set(res.probabilities) == {1, 2, 3} and res.probabilities[1].shape == img.shape
+    # labels agree with probabilities: a voxel labeled v has p_v >= 0.5
+    lm = res.label_map
+    for v in (1, 2, 3):
+        if (lm == v).any():
+            assert (res.probabilities[v][lm == v] >= 0.5).all()  # float16 probabilities
+    out = save_label(tmp_path / "q_seg.nii.gz", lm, img)
+    back = nib.load(out)
+    assert back.shape == img.shape and np.allclose(back.affine, img.affine)
+    # second run reads every support memory from cache
+    misses = seg.engine.cache.misses
+    seg.segment_volume(tmp_path / "q.nii.gz", image_id="q", labels=[1])
+    assert seg.engine.cache.misses == misses
+
+
+@pytest.mark.slow
+def test_query_slice_is_never_its_own_support(tmp_path, dataset, sam2_model, dino_embedder):
+    seg = _segmenter(tmp_path, sam2_model, dino_embedder, dataset, k=3, allow_same_image=True)
+    labeled = sorted(_labeled_slices(dataset / "labels" / "final" / "subject_00.nii.gz"))
+    z = labeled[len(labeled) // 2]
+    res = seg.segment_volume(dataset / "subject_00.nii.gz", image_id="subject_00", labels=[1], slices=[z])
+    assert ("subject_00", z) not in res.supports[1]
+    assert any(i == "subject_00" for i, _ in res.supports[1])  # intra-volume supports allowed
+    seg2 = _segmenter(tmp_path / "b", sam2_model, dino_embedder, dataset, k=3, allow_same_image=False)
+    res2 = seg2.segment_volume(dataset / "subject_00.nii.gz", image_id="subject_00", labels=[1], slices=[z])
+    assert all(i != "subject_00" for i, _ in res2.supports[1])
+    # only the requested slice is written
+    assert set(np.nonzero(res.label_map.any(axis=(0, 1)))[0]) <= {z}
+
+
+@pytest.mark.slow
+def test_propagate_mode(tmp_path, dataset, sam2_model, dino_embedder):
+    seg = _segmenter(tmp_path, sam2_model, dino_embedder, dataset, k=2, propagate=True)
+    res = seg.segment_volume(dataset / "subject_03.nii.gz", image_id="subject_03", labels=[1, 3], slices=range(3, 9))
+    assert res.label_map.shape == SHAPE and res.slices == list(range(3, 9))
+    # one support set for the whole range in this mode
+    assert len(res.supports[1]) == 2
+
+
+@pytest.mark.slow
+def test_cli_segment_writes_label(tmp_path, dataset):
+    env = dict(os.environ, RAGSEG_CACHE_DIR=str(tmp_path / "cache"))
+    out = tmp_path / "seg.nrrd"
+    cmd = [sys.executable, "-m", "ragseg.cli", "segment", str(dataset / "subject_03.nii.gz"), "--supports",
+           str(dataset), "-o", str(out), "-k", "2", "--image-size", "128", "--random-weights-for-testing"]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr
+    assert "RANDOM weights" in p.stderr  # never silent
+    report = json.loads(p.stdout.strip().splitlines()[-1])
+    assert report["output"] == str(out)
+    img = load_image(dataset / "subject_03.nii.gz")
+    lab = load_label(out, like=img)  # same grid, as NRRD
+    assert lab.shape == img.shape
+
+
+def test_cli_errors_are_one_line(tmp_path, dataset):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "ragseg.cli", *args], capture_output=True, text=True,
+                              timeout=300, env=dict(os.environ, RAGSEG_WEIGHTS_DIR=str(tmp_path / "w")))
+
+    p = run("segment", str(tmp_path / "nope.nii.gz"), "--supports", str(dataset))
+    assert p.returncode == 2 and "nope.nii.gz: file does not exist" in p.stderr and "Traceback" not in p.stderr
+    # missing weights: the message names the file and the fetch command, nothing falls back
+    p = run("segment", str(dataset / "subject_03.nii.gz"), "--supports", str(dataset))
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "ragseg weights fetch" in p.stderr and str(tmp_path / "w") in p.stderr
+    empty = tmp_path / "empty"
+    shutil.copytree(dataset, empty)
+    shutil.rmtree(empty / "labels")
+    p = run("segment", str(empty / "subject_03.nii.gz"), "--supports", str(empty), "--random-weights-for-testing")
+    assert p.returncode == 2 and "labels/ folder" in p.stderr

@@ -1,0 +1,139 @@
+"""Weights: registry, checksum-verified fetch (from a loopback mirror), strict loading, clear errors."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import threading
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+
+from ragseg import weights
+from ragseg.errors import ChecksumError, RagsegError, WeightsMissingError
+
+
+@pytest.fixture()
+def mirror(tmp_path, monkeypatch):
+    """A loopback HTTP server acting as a site mirror of the weights."""
+    root = tmp_path / "mirror"
+    (root / "sam2.1-hiera-tiny").mkdir(parents=True)
+    payload = b"not really a checkpoint " * 1000
+    (root / "sam2.1-hiera-tiny" / "sam2.1_hiera_tiny.pt").write_bytes(payload)
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a, **k: None
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    monkeypatch.setenv("RAGSEG_WEIGHTS_MIRROR", f"http://127.0.0.1:{srv.server_address[1]}")
+    monkeypatch.setenv("RAGSEG_WEIGHTS_DIR", str(tmp_path / "weights"))
+    yield hashlib.sha256(payload).hexdigest()
+    srv.shutdown()
+
+
+def test_registry_has_all_official_checkpoints():
+    names = set(weights.REGISTRY)
+    for n in ("sam2.1-hiera-tiny", "sam2.1-hiera-small", "sam2.1-hiera-base-plus", "sam2.1-hiera-large",
+              "dinov2-small", "dinov2-base", "dinov2-large", "dinov2-giant", "dinov2-with-registers-small"):
+        assert n in names
+    assert weights.REGISTRY["sam2.1-hiera-large"].files[0].url.endswith("/092824/sam2.1_hiera_large.pt")
+
+
+def test_fetch_verifies_digest(mirror, tmp_path):
+    with pytest.raises(ChecksumError, match="no known SHA-256"):
+        weights.fetch("sam2.1-hiera-tiny")
+    with pytest.raises(ChecksumError, match="does not match"):
+        weights.fetch("sam2.1-hiera-tiny", sha256="0" * 64)
+    dest = tmp_path / "weights" / "sam2.1-hiera-tiny"
+    assert not (dest / "sam2.1_hiera_tiny.pt").exists()  # a bad download is discarded
+    assert list(dest.iterdir()) == []  # and leaves no temp file
+    d = weights.fetch("sam2.1-hiera-tiny", sha256=mirror)
+    assert weights.sha256_of(d / "sam2.1_hiera_tiny.pt") == mirror
+    assert weights.verify("sam2.1-hiera-tiny") == {"sam2.1_hiera_tiny.pt": "ok"}
+    # a file changed on disk after fetch is caught
+    (d / "sam2.1_hiera_tiny.pt").write_bytes(b"tampered")
+    with pytest.raises(ChecksumError):
+        weights.verify("sam2.1-hiera-tiny")
+    rows = {r["name"]: r["state"] for r in weights.list_weights()}
+    assert rows["sam2.1-hiera-tiny"] == "CHECKSUM MISMATCH" and rows["dinov2-small"] == "missing"
+
+
+def test_fetch_pin_trust_on_first_use(mirror):
+    d = weights.fetch("sam2.1-hiera-tiny", pin=True)
+    assert weights.verify("sam2.1-hiera-tiny") == {"sam2.1_hiera_tiny.pt": "ok"}
+    assert weights.expected_sha256(weights.REGISTRY["sam2.1-hiera-tiny"],
+                                   weights.REGISTRY["sam2.1-hiera-tiny"].files[0]) == mirror
+    assert d.exists()
+
+
+def test_missing_weights_name_file_and_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAGSEG_WEIGHTS_DIR", str(tmp_path))
+    from ragseg.sam2_model import build_sam2
+
+    with pytest.raises(WeightsMissingError) as ei:
+        build_sam2("hiera_t")  # no implicit download, no random fallback
+    msg = str(ei.value)
+    assert str(tmp_path / "sam2.1-hiera-tiny" / "sam2.1_hiera_tiny.pt") in msg
+    assert "ragseg weights fetch sam2.1-hiera-tiny" in msg
+    from ragseg.embedders import DinoV2Embedder
+
+    with pytest.raises(WeightsMissingError, match="ragseg weights fetch dinov2-small"):
+        DinoV2Embedder.from_pretrained("dinov2-small")
+
+
+@pytest.mark.slow
+def test_official_checkpoint_format_loads_strictly(tmp_path):
+    """A checkpoint in the official layout ({'model': state_dict}) loads strictly and reproduces outputs."""
+    from ragseg.sam2_model import build_sam2
+
+    src = build_sam2("hiera_t", image_size=128, random_weights=True, seed=3)
+    ckpt = tmp_path / "sam2.1_hiera_tiny.pt"
+    torch.save({"model": src.state_dict()}, ckpt)
+    loaded = build_sam2("hiera_t", checkpoint=ckpt, image_size=128)
+    x = torch.randn(1, 3, 128, 128)
+    with torch.inference_mode():
+        a = src.forward_image(x)["vision_features"]
+        b = loaded.forward_image(x)["vision_features"]
+    assert torch.equal(a, b)
+    sd = src.state_dict()
+    sd.pop(next(iter(sd)))
+    torch.save({"model": sd}, tmp_path / "broken_sam2.1_hiera_tiny.pt")
+    with pytest.raises(RagsegError, match="1 missing keys"):
+        build_sam2("hiera_t", checkpoint=tmp_path / "broken_sam2.1_hiera_tiny.pt", image_size=128)
+
+
+@pytest.mark.parametrize("registers", [False, True])
+def test_dinov2_from_local_directory(tmp_path, rng, registers):
+    """Official loading path (transformers from_pretrained on a directory), incl. register variants."""
+    from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    from ragseg.embedders import DinoV2Embedder
+
+    torch.manual_seed(0)
+    kw = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=56, patch_size=14)
+    model = (Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=4, **kw)) if registers
+             else Dinov2Model(Dinov2Config(**kw)))
+    model.save_pretrained(tmp_path / "dino")
+    slices = rng.random((5, 40, 50)).astype(np.float32)
+    for pooling in ("cls", "mean"):
+        direct = DinoV2Embedder(model.eval(), name="x", pooling=pooling, image_size=56).embed(slices)
+        loaded = DinoV2Embedder.from_pretrained(str(tmp_path / "dino"), pooling=pooling, image_size=56)
+        assert loaded.num_registers == (4 if registers else 0)
+        assert np.allclose(loaded.embed(slices), direct, atol=1e-6)
+        assert loaded.id.startswith("dinov2:dino:")
+
+
+def test_embedder_contract(dino_embedder, rng):
+    from ragseg.embedders import DinoV2Embedder, Embedder
+
+    assert isinstance(dino_embedder, Embedder)
+    s = rng.random((7, 30, 40)).astype(np.float32)
+    e = dino_embedder.embed(s)
+    assert e.dtype == np.float32 and e.shape == (7, dino_embedder.dim)
+    assert np.allclose(np.linalg.norm(e, axis=1), 1, atol=1e-5)
+    one_by_one = np.concatenate([dino_embedder.embed(s[i:i + 1]) for i in range(7)])
+    assert np.allclose(e, one_by_one, atol=1e-5)  # batching does not change results
+    mean = DinoV2Embedder(dino_embedder.model, name="same", pooling="mean", image_size=56).embed(s)
+    assert not np.allclose(mean, e) and mean.shape == e.shape
+    assert dino_embedder.embed(s[:0]).shape == (0, dino_embedder.dim)
