@@ -146,6 +146,31 @@ def cmd_sample_data(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_label_all(a: argparse.Namespace) -> int:
+    from . import label_all
+
+    if a.target.startswith(("http://", "https://")):
+        rep = label_all.label_server(a.target, model=a.model, redo=a.redo, limit=a.limit,
+                                     params={"k": a.k} if a.k else None)
+    else:
+        root = Path(a.target)
+        if not root.is_dir():
+            raise RagsegError(f"{root}: not a datastore folder (or give a server URL)")
+        factory = label_all.local_segmenter_factory(root, _model_config(a), _preprocess(a), a.k or defaults.DEFAULT_K)
+        rep = label_all.label_local(root, factory, redo=a.redo, limit=a.limit)
+    print(rep.summary())
+    for k, v in rep.failed.items():
+        print(f"  failed {k}: {v}", file=sys.stderr)
+    return 1 if rep.failed else 0
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    from .bench import main_engine
+
+    ks = tuple(int(x) for x in a.k.split(","))
+    return main_engine(a.image_size, ks, a.queries, a.repeats, a.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ragseg", description="Few-shot segmentation with retrieval-augmented SAM 2")
     p.add_argument("--version", action="version", version=f"ragseg {__version__}")
@@ -191,6 +216,22 @@ def build_parser() -> argparse.ArgumentParser:
     sd.add_argument("--partial-slices", type=int, default=0)
     sd.add_argument("--seed", type=int, default=0)
     sd.set_defaults(func=cmd_sample_data)
+    la = sub.add_parser("label-all", help="segment every unlabeled image of a datastore folder or server")
+    la.add_argument("target", help="local datastore folder, or MONAI Label server URL")
+    la.add_argument("--model", default="ragseg", help="server model name (server mode)")
+    la.add_argument("-k", type=int, default=None, help="supports per label")
+    la.add_argument("--redo", action="store_true", help="recompute images that already have an original label")
+    la.add_argument("--limit", type=int, default=None, help="label at most this many images")
+    _model_args(la)
+    la.set_defaults(func=cmd_label_all)
+
+    be = sub.add_parser("bench", help="benchmark the engine (random weights; prints a table and JSON)")
+    be.add_argument("--image-size", type=int, default=512)
+    be.add_argument("-k", default="1,3,7", help="comma-separated support counts")
+    be.add_argument("--queries", type=int, default=4, help="query slices per measurement")
+    be.add_argument("--repeats", type=int, default=3)
+    be.add_argument("--json", help="also write the results here")
+    be.set_defaults(func=cmd_bench)
     return p
 
 

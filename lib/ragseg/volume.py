@@ -259,6 +259,25 @@ def slices_to_volume(slices: np.ndarray, affine: np.ndarray, axis: int | str = d
     return from_canonical(np.moveaxis(slices, 0, ax), affine)
 
 
+def file_axis_for(affine: np.ndarray, axis: int | str) -> tuple[int, bool]:
+    """The stored voxel axis that becomes canonical ``axis``, and whether it is flipped."""
+    ax = resolve_axis(axis)
+    ornt = _ornt(affine)
+    i = int(np.nonzero(ornt[:, 0] == ax)[0][0])
+    return i, bool(ornt[i, 1] < 0)
+
+
+def file_to_canonical_slice(index: int, shape: tuple[int, ...], affine: np.ndarray, axis: int | str) -> int:
+    """Slice number as a viewer shows it (voxel index k of the stored array) -> canonical index."""
+    i, flipped = file_axis_for(affine, axis)
+    return shape[i] - 1 - index if flipped else index
+
+
+def canonical_to_file_slice(index: int, shape: tuple[int, ...], affine: np.ndarray, axis: int | str) -> int:
+    """Inverse of :func:`file_to_canonical_slice` (the mapping is its own inverse)."""
+    return file_to_canonical_slice(index, shape, affine, axis)
+
+
 # --- intensities ----------------------------------------------------------------------------------
 
 

@@ -1,0 +1,133 @@
+"""Scripted labelling: segment every unlabeled image of a datastore.
+
+Two ways, same rules:
+* a local MONAI Label datastore folder: in-process (index from ``labels/final``, results in
+  ``labels/original``);
+* a running MONAI Label server URL: through ``monailabel.client`` and ``POST /infer/<model>``
+  with ``save_label`` and tag ``original``, so the server's datastore and index stay the truth.
+
+Human ``final`` labels are never written. Images that already have an ``original`` label are
+skipped, so an interrupted run resumes where it stopped (``--redo`` recomputes them).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .errors import RagsegError
+from .volume import IMAGE_EXTS, image_id_of, load_image, save_label
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LabelAllReport:
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # already had an original label
+    human: list[str] = field(default_factory=list)  # have a final label: never touched
+    failed: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        return (f"labelled {len(self.done)}, skipped {len(self.skipped)} already done, "
+                f"{len(self.human)} with human labels untouched, {len(self.failed)} failed, "
+                f"in {self.seconds:.1f} s")
+
+
+def label_local(root: str | Path, segmenter_factory, *, redo: bool = False, limit: int | None = None,
+                progress: bool = True) -> LabelAllReport:
+    """Label a local datastore folder. ``segmenter_factory()`` -> a Segmenter on its final labels."""
+    root = Path(root)
+    final, original = root / "labels" / "final", root / "labels" / "original"
+    images = sorted(p for p in root.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_EXTS))
+    final_ids = {image_id_of(p) for p in final.iterdir()} if final.is_dir() else set()
+    orig_ids = {image_id_of(p) for p in original.iterdir() if not p.name.startswith(".")} if original.is_dir() else set()
+    rep = LabelAllReport()
+    todo = []
+    for p in images:
+        iid = image_id_of(p)
+        if iid in final_ids:
+            rep.human.append(iid)
+        elif iid in orig_ids and not redo:
+            rep.skipped.append(iid)
+        else:
+            todo.append(p)
+    if limit is not None:
+        todo = todo[:limit]
+    t0 = time.time()
+    seg = segmenter_factory() if todo else None
+    for p in tqdm(todo, desc="labelling", unit="img", disable=not progress):
+        iid = image_id_of(p)
+        try:
+            vol = load_image(p)
+            res = seg.segment_volume(vol, image_id=iid)
+            save_label(original / f"{iid}.nii.gz", res.label_map, vol)
+            rep.done.append(iid)
+        except RagsegError as e:
+            rep.failed[iid] = str(e)
+            logger.warning("%s: %s", iid, e)
+    rep.seconds = time.time() - t0
+    return rep
+
+
+def label_server(url: str, *, model: str = "ragseg", redo: bool = False, limit: int | None = None,
+                 progress: bool = True, params: dict | None = None) -> LabelAllReport:
+    """Label every unlabeled image of a running server's datastore (tag ``original``)."""
+    from monailabel.client import MONAILabelClient
+    from monailabel.client.client import MONAILabelClientException
+
+    client = MONAILabelClient(url)
+    try:
+        info = client.info()
+        ds = client.datastore()
+    except Exception as e:
+        raise RagsegError(f"cannot reach MONAI Label server at {url}: {e}") from e
+    if model not in info.get("models", {}):
+        raise RagsegError(f"server {url} has no model {model!r}; it has {', '.join(info.get('models', {}))}")
+    rep = LabelAllReport()
+    todo = []
+    for iid, obj in sorted(ds.get("objects", {}).items()):
+        labels = obj.get("labels", {})
+        if "final" in labels:
+            rep.human.append(iid)
+        elif "original" in labels and not redo:
+            rep.skipped.append(iid)
+        else:
+            todo.append(iid)
+    if limit is not None:
+        todo = todo[:limit]
+    t0 = time.time()
+    req = dict(params or {}, label_tag="original", save_label=True)
+    for iid in tqdm(todo, desc="labelling", unit="img", disable=not progress):
+        try:
+            client.infer(model, iid, req)
+            rep.done.append(iid)
+        except MONAILabelClientException as e:
+            rep.failed[iid] = str(e.msg)
+            logger.warning("%s: %s", iid, e.msg)
+    rep.seconds = time.time() - t0
+    return rep
+
+
+def local_segmenter_factory(root: Path, model_cfg, pre, k: int):
+    """Index ``root/labels/final`` and return a Segmenter on it (built only when there is work)."""
+
+    def make():
+        from .factory import load_embedder, load_engine
+        from .pipeline import Segmenter, discover_pairs, open_index, sync_index
+
+        emb = load_embedder(model_cfg)
+        idx = open_index(root / ".ragseg" / "index", emb, pre)
+        sync_index(idx, emb, pre, discover_pairs(root, root / "labels" / "final"), progress=True)
+        if len(idx) == 0:
+            raise RagsegError(f"{root}: no labeled slice in labels/final to learn from")
+        if model_cfg.memory_cache is None:
+            model_cfg.memory_cache = str(root / ".ragseg" / "memories")
+        return Segmenter(load_engine(model_cfg), emb, idx, pre, k=k)
+
+    return make

@@ -1,0 +1,1 @@
+"""MONAI Label integration: typed config, infer task, strategy, re-indexing, datastore."""

@@ -1,0 +1,152 @@
+"""The app's ``--conf key value`` options, parsed once into a typed, validated dataclass.
+
+MONAI Label passes every ``--conf`` value as a string. :func:`AppConfig.from_conf` converts each
+known key to its type, checks it, and raises :class:`ConfigError` naming the key on a bad value
+or an unknown key (a typo must not be silently ignored). Keys MONAI Label itself reads
+(``server_mode``, ``preload``...) are passed through untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from .. import defaults
+from ..errors import RagsegError
+
+# keys MONAI Label or its endpoints read from conf; accepted and left to them
+PASSTHROUGH_KEYS = {"server_mode", "preload", "skip_trainers", "skip_strategies", "skip_scoring", "epistemic_enabled"}
+
+
+class ConfigError(RagsegError):
+    """A ``--conf`` value is invalid; the message names the key."""
+
+
+def _bool(key: str, v: str) -> bool:
+    s = v.strip().lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"--conf {key}: expected true/false, got {v!r}")
+
+
+def _int(key: str, v: str, lo: int, hi: int) -> int:
+    try:
+        x = int(v)
+    except ValueError:
+        raise ConfigError(f"--conf {key}: expected an integer, got {v!r}") from None
+    if not lo <= x <= hi:
+        raise ConfigError(f"--conf {key}: must be between {lo} and {hi}, got {x}")
+    return x
+
+
+def _float(key: str, v: str, lo: float, hi: float) -> float:
+    try:
+        x = float(v)
+    except ValueError:
+        raise ConfigError(f"--conf {key}: expected a number, got {v!r}") from None
+    if not lo <= x <= hi:
+        raise ConfigError(f"--conf {key}: must be between {lo} and {hi}, got {x}")
+    return x
+
+
+def _choice(key: str, v: str, options: tuple[str, ...]) -> str:
+    if v not in options:
+        raise ConfigError(f"--conf {key}: must be one of {', '.join(options)}, got {v!r}")
+    return v
+
+
+def _labels(key: str, v: str) -> dict[str, int]:
+    """'liver=1,spleen=2' or a JSON object {"liver": 1}."""
+    v = v.strip()
+    try:
+        d = json.loads(v) if v.startswith("{") else dict(p.split("=", 1) for p in v.split(",") if p.strip())
+        out = {str(k).strip(): int(x) for k, x in d.items()}
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"--conf {key}: expected 'name=value,...' or a JSON object, got {v!r} ({e})") from None
+    if any(x <= 0 or x > 255 for x in out.values()):
+        raise ConfigError(f"--conf {key}: label values must be in 1..255")
+    if len(set(out.values())) != len(out):
+        raise ConfigError(f"--conf {key}: two names share a label value")
+    return out
+
+
+@dataclass
+class AppConfig:
+    """Every ``--conf`` key of the app (documented in apps/ragseg/README.md).
+
+    Attributes mirror the keys one to one; see the README for meanings and defaults.
+    """
+
+    backend: str = "rag-sam2"
+    sam2_checkpoint: str = "sam2.1-hiera-tiny"
+    sam2_variant: str = "hiera_t"
+    dinov2: str = "dinov2-small"
+    pooling: str = "cls"
+    image_size: int = defaults.SAM2_IMAGE_SIZE
+    k: int = defaults.DEFAULT_K
+    axis: str = "axial"
+    modality: str = "auto"
+    ct_window: str = defaults.DEFAULT_CT_WINDOW
+    device: str = "auto"
+    index_dir: str = ""  # default: <studies>/.ragseg (local) or <app_dir>/.ragseg (remote)
+    labels: dict[str, int] = field(default_factory=dict)
+    same_image_supports: bool = True
+    propagate: bool = False
+    precompute_memories: bool = True
+    reconcile_interval: float = 5.0
+    random_weights_for_testing: bool = False
+
+    @classmethod
+    def from_conf(cls, conf: dict[str, str] | None) -> AppConfig:
+        conf = dict(conf or {})
+        cfg = cls()
+        known = {f.name for f in fields(cls)}
+        for key, raw in conf.items():
+            if key in PASSTHROUGH_KEYS:
+                continue
+            if key not in known:
+                raise ConfigError(f"--conf {key}: unknown key; known keys: {', '.join(sorted(known))}")
+            v = str(raw)
+            if key in ("backend",):
+                val: object = _choice(key, v, ("rag-sam2",))
+            elif key == "sam2_variant":
+                val = _choice(key, v, ("hiera_t", "hiera_s", "hiera_b+", "hiera_l"))
+            elif key == "pooling":
+                val = _choice(key, v, ("cls", "mean"))
+            elif key == "image_size":
+                val = _int(key, v, 64, 2048)
+                if val % 32:
+                    raise ConfigError(f"--conf image_size: must be a multiple of 32, got {val}")
+            elif key == "k":
+                val = _int(key, v, 1, defaults.MAX_K)
+            elif key == "axis":
+                val = _choice(key, v, ("axial", "coronal", "sagittal"))
+            elif key == "modality":
+                val = _choice(key, v, ("auto", "CT", "MR"))
+            elif key == "ct_window":
+                val = _choice(key, v, tuple(sorted(defaults.CT_WINDOWS)))
+            elif key == "device":
+                if not (v in ("auto", "cpu") or v.startswith("cuda")):
+                    raise ConfigError(f"--conf device: must be auto, cpu or cuda[:N], got {v!r}")
+                val = v
+            elif key == "labels":
+                val = _labels(key, v)
+            elif key == "reconcile_interval":
+                val = _float(key, v, 0.5, 3600.0)
+            elif key in ("same_image_supports", "propagate", "precompute_memories", "random_weights_for_testing"):
+                val = _bool(key, v)
+            else:  # free strings: paths, names
+                val = v
+            setattr(cfg, key, val)
+        return cfg
+
+    def index_path(self, studies: str, app_dir: str) -> Path:
+        if self.index_dir:
+            return Path(self.index_dir).expanduser()
+        if studies.startswith(("http://", "https://")) or not os.path.isdir(studies):
+            return Path(app_dir) / ".ragseg"
+        return Path(studies) / ".ragseg"

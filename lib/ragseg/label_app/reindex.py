@@ -1,0 +1,245 @@
+"""Background re-indexing: keep the slice index equal to the datastore's final labels.
+
+Labels become final in several ways: ``PUT /datastore/label`` (``on_save_label``), a file
+dropped into ``labels/final/`` (the datastore watcher, no hook), a DICOM SEG appearing in a
+DICOMweb store (no hook), or being there at startup. So the worker does not trust hooks alone:
+it reconciles the index with the datastore every ``interval`` seconds (cheap: label files are
+re-hashed only when their size or mtime changed), and hooks merely wake it up early.
+
+All heavy work (loading volumes, embedding, memory pre-computation) runs on this worker thread,
+never on the request loop. Several app processes may run workers against one index: the index
+is updated under its file lock and every job is idempotent (checksum-based).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import queue
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+
+from ..errors import RagsegError
+from ..pipeline import LabeledVolume, embed_labeled_volume
+from ..volume import file_checksum
+from .components import Components
+
+logger = logging.getLogger(__name__)
+
+FINAL = "final"
+
+
+@dataclass
+class Job:
+    id: str
+    image: str
+    reason: str
+    state: str = "queued"  # queued | running | done | failed | skipped
+    submitted: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    slices: int = 0
+    memories: int = 0
+    error: str | None = None
+
+
+class Reindexer:
+    """A worker thread that indexes final labels and pre-computes their support memories."""
+
+    def __init__(self, components: Components, datastore, *, interval: float = 5.0, max_jobs_kept: int = 200):
+        self.c = components
+        self.datastore = datastore
+        self.interval = interval
+        self._q: queue.Queue[str | None] = queue.Queue()
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self._pending: dict[str, str] = {}  # image id -> queued job id (dedup)
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._stat_cache: dict[str, tuple[tuple, str]] = {}  # path -> ((size, mtime), sha256)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._wake = threading.Event()
+        self.max_jobs_kept = max_jobs_kept
+        self.last_reconcile: float | None = None
+        self.pid = os.getpid()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="ragseg-reindex", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._q.put(None)
+        if self._thread:
+            self._thread.join(timeout)
+
+    # -- public API -----------------------------------------------------------------------------
+    def submit(self, image_id: str, reason: str) -> str:
+        """Queue (re-)indexing of ``image_id``; returns a job id. Returns at once."""
+        with self._lock:
+            if image_id in self._pending:
+                return self._pending[image_id]
+            job = Job(f"reindex-{self.pid}-{next(self._ids)}", image_id, reason)
+            self._jobs[job.id] = job
+            while len(self._jobs) > self.max_jobs_kept:
+                self._jobs.popitem(last=False)
+            self._pending[image_id] = job.id
+        self._q.put(job.id)
+        return job.id
+
+    def job(self, job_id: str) -> dict | None:
+        with self._lock:
+            j = self._jobs.get(job_id)
+            return asdict(j) if j else None
+
+    def status(self) -> dict:
+        with self._lock:
+            jobs = [asdict(j) for j in list(self._jobs.values())[-20:]]
+            pending = sorted(self._pending)
+        return {"pending": pending, "queue_length": self._q.qsize(), "last_reconcile": self.last_reconcile,
+                "recent_jobs": jobs, "worker_alive": bool(self._thread and self._thread.is_alive())}
+
+    def wait_idle(self, timeout: float = 60.0) -> bool:
+        """Block until nothing is queued or running (tests, scripts)."""
+        end = time.time() + timeout
+        while time.time() < end:
+            with self._lock:
+                busy = bool(self._pending) or any(j.state == "running" for j in self._jobs.values())
+            if not busy and self._q.empty():
+                return True
+            time.sleep(0.05)
+        return False
+
+    # -- reconcile ------------------------------------------------------------------------------
+    def _checksum(self, path: str) -> str:
+        st = os.stat(path)
+        sig = (st.st_size, st.st_mtime_ns, st.st_ino)
+        hit = self._stat_cache.get(path)
+        if hit and hit[0] == sig:
+            return hit[1]
+        h = file_checksum(path)
+        self._stat_cache[path] = (sig, h)
+        return h
+
+    def labeled_items(self) -> list[LabeledVolume]:
+        """Every image with a final label, as (id, image path, label path)."""
+        ds = self.datastore
+        out = []
+        for image_id in sorted(ds.get_labeled_images(FINAL)):
+            try:
+                lab = ds.get_label_uri(image_id, FINAL)
+                img = ds.get_image_uri(image_id)
+            except Exception as e:  # a remote datastore may fail for one item; others go on
+                logger.warning("cannot resolve %s: %s", image_id, e)
+                continue
+            if lab and img and os.path.exists(lab) and os.path.exists(img):
+                out.append(LabeledVolume(image_id, img, lab))
+        return out
+
+    def reconcile(self) -> list[str]:
+        """Queue every image whose final label is not in the index as it is now; drop removed ones."""
+        refresh = getattr(self.datastore, "refresh", None)
+        if refresh is not None and type(self.datastore).__name__.endswith("LocalDatastore"):
+            refresh()
+        index = self.c.index()
+        stored = index.images()
+        items = self.labeled_items()
+        queued = []
+        for it in items:
+            try:
+                lc = self._checksum(it.label_path)
+            except OSError:
+                continue
+            st = stored.get(it.image_id)
+            if st is None or st["label_checksum"] != lc:
+                self.submit(it.image_id, "reconcile")
+                queued.append(it.image_id)
+        gone = set(stored) - {it.image_id for it in items}
+        for image_id in gone:
+            logger.info("label of %s is gone: removing it from the index", image_id)
+            index.remove_image(image_id)
+        self.last_reconcile = time.time()
+        return queued
+
+    # -- worker ---------------------------------------------------------------------------------
+    def _run(self) -> None:
+        next_reconcile = 0.0
+        while not self._stop.is_set():
+            now = time.time()
+            if now >= next_reconcile:
+                try:
+                    self.reconcile()
+                except RagsegError as e:  # models missing: nothing to do until they appear
+                    logger.debug("reconcile skipped: %s", e)
+                except Exception:
+                    logger.exception("reconcile failed")
+                next_reconcile = time.time() + self.interval
+            try:
+                job_id = self._q.get(timeout=max(0.05, min(self.interval, next_reconcile - time.time())))
+            except queue.Empty:
+                continue
+            if job_id is None:
+                break
+            self._do(job_id)
+
+    def _do(self, job_id: str) -> None:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None:
+                return
+            job.state, job.started = "running", time.time()
+            self._pending.pop(job.image, None)
+        try:
+            item = next((it for it in self.labeled_items() if it.image_id == job.image), None)
+            index = self.c.index()
+            if item is None:
+                index.remove_image(job.image)
+                job.state = "skipped"
+                job.error = "no final label (removed from index)"
+                return
+            emb = self.c.embedder()
+            vecs, recs = embed_labeled_volume(item, emb, self.c.pre)
+            index.replace_image(item.image_id, vecs, recs)
+            job.slices = len(recs)
+            job.state = "done"
+            job.finished = time.time()
+            logger.info("indexed %s: %d labeled slices in %.2fs (%s)", item.image_id, len(recs),
+                        job.finished - job.started, job.reason)
+            if self.c.cfg.precompute_memories and recs:
+                job.memories = self._precompute(recs)
+        except Exception as e:
+            job.state, job.error = "failed", f"{type(e).__name__}: {e}"
+            logger.warning("re-indexing %s failed: %s", job.image, job.error)
+        finally:
+            job.finished = job.finished or time.time()
+
+    def _precompute(self, recs) -> int:
+        """Support memories for every (slice, label) of a newly indexed image."""
+        from ..pipeline import SupportStore
+
+        engine = self.c.engine()
+        store = SupportStore(self.c.pre, max_volumes=1)
+        sups = [store.support(r, v) for r in recs for v in r.labels]
+        n = 0
+        for s in range(0, len(sups), engine.encode_batch):
+            if self._stop.is_set():
+                break
+            engine.support_memories(sups[s:s + engine.encode_batch])
+            n += len(sups[s:s + engine.encode_batch])
+        return n
+
+
+def index_matches_labels(components: Components, reindexer: Reindexer) -> bool:
+    """True when the index holds exactly the current final labels (used by tests and /info)."""
+    items = reindexer.labeled_items()
+    stored = components.index().images()
+    if set(stored) != {it.image_id for it in items}:
+        return False
+    return all(stored[it.image_id]["label_checksum"] == file_checksum(it.label_path) for it in items)
+

@@ -1,0 +1,121 @@
+"""What an app instance owns besides its tasks: config, models, re-indexer, label names.
+
+``apps/ragseg/main.py`` composes tasks from these; this module holds the plumbing so that file
+stays a list of tasks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+from fastapi import HTTPException
+
+from .components import Components
+from .config import AppConfig
+from .reindex import Reindexer
+
+logger = logging.getLogger(__name__)
+
+
+class Services:
+    """Config, components and the background re-indexer of one app instance."""
+
+    def __init__(self, conf: dict[str, str] | None, studies: str, app_dir: str):
+        self.cfg = AppConfig.from_conf(conf)  # ConfigError names the bad key
+        self.studies = studies
+        self.index_dir = self.cfg.index_path(studies, app_dir)
+        self.index_dir.mkdir(parents=True, exist_ok=True)
+        self.components = Components(self.cfg, self.index_dir)
+        self.datastore = None
+        self.reindexer: Reindexer | None = None
+        self._started = False
+
+    def is_local(self) -> bool:
+        return not self.studies.startswith(("http://", "https://"))
+
+    def local_datastore(self):
+        from monailabel.config import settings
+
+        from .datastore import ValidatingLocalDatastore
+
+        return ValidatingLocalDatastore(self.studies, extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+                                        auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+                                        read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY)
+
+    def start(self, datastore) -> None:
+        """Server process only: load models and start re-indexing (never in train subprocesses)."""
+        if self._started:
+            return
+        self._started = True
+        self.datastore = datastore
+        self.reindexer = Reindexer(self.components, datastore, interval=self.cfg.reconcile_interval)
+
+        def boot():
+            self.components.warm_up()
+            self.reindexer.start()
+
+        threading.Thread(target=boot, name="ragseg-boot", daemon=True).start()
+
+    def on_save_label(self, image_id: str) -> dict:
+        if self.reindexer is None:  # not a server process (e.g. a CLI-built app): index synchronously later
+            return {}
+        return {"job_id": self.reindexer.submit(image_id, "PUT /datastore/label"), "indexing": "queued"}
+
+    # -- label names -----------------------------------------------------------------------------
+    def label_names(self) -> dict[str, int]:
+        """--conf labels, plus names clients stored with saved labels (label_info), plus the pool."""
+        names = dict(self.cfg.labels)
+        ds = self.datastore
+        if ds is not None:
+            try:
+                for image_id in ds.get_labeled_images("final"):
+                    info = ds.get_label_info(image_id, "final") or {}
+                    for li in info.get("label_info", []) or []:
+                        if isinstance(li, dict) and "name" in li and "idx" in li:
+                            names.setdefault(str(li["name"]), int(li["idx"]))
+            except Exception as e:  # names are cosmetic; never fail a request on them
+                logger.debug("label_info lookup failed: %s", e)
+        try:
+            taken = set(names.values())
+            idx = self.components._index
+            for v in sorted({v for r in idx.records() for v in r.labels}) if idx is not None else []:
+                if v not in taken:
+                    names[f"label_{v}"] = v
+        except Exception:
+            pass
+        return dict(sorted(names.items(), key=lambda kv: kv[1]))
+
+    def human_label(self, image_id: str) -> str | None:
+        ds = self.datastore
+        if ds is None:
+            return None
+        try:
+            p = ds.get_label_uri(image_id, "final")
+        except Exception:
+            return None
+        return p if p and os.path.exists(p) else None
+
+    # -- request checks ---------------------------------------------------------------------------
+    @staticmethod
+    def check_infer_request(request: dict, infers: dict, datastore) -> None:
+        """4xx before MONAI Label turns these into a bare 500: unknown model, unknown image."""
+        model = request.get("model")
+        if model not in infers:
+            raise HTTPException(404, f"unknown model {model!r}; available: {', '.join(sorted(infers))}")
+        image = request.get("image")
+        if isinstance(image, str) and image and not os.path.exists(image):
+            if not datastore.get_image_uri(image):
+                raise HTTPException(404, f"unknown image id {image!r}: no such image in the datastore")
+            request["ragseg_image_id"] = image
+        elif isinstance(image, str) and image:
+            request["ragseg_image_id"] = Path(image).name.split(".")[0]
+
+    def status(self) -> dict:
+        st = self.components.status()
+        st["index_dir"] = str(self.index_dir)
+        if self.reindexer is not None:
+            st["reindex"] = self.reindexer.status()
+        return st
