@@ -75,6 +75,14 @@ class Components:
     def segmenter(self, *, k: int | None = None, same_image: bool | None = None,
                   propagate: bool | None = None) -> Segmenter:
         c = self.cfg
+        problems = []
+        for fn in (self.embedder, self.engine):  # report every missing model at once
+            try:
+                fn()
+            except ModelUnavailable as e:
+                problems.append(str(e))
+        if problems:
+            raise ModelUnavailable("; ".join(problems))
         return Segmenter(self.engine(), self.embedder(), self.index(), self.pre, k=k or c.k,
                          allow_same_image=c.same_image_supports if same_image is None else same_image,
                          propagate=c.propagate if propagate is None else propagate)
