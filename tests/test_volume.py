@@ -137,3 +137,31 @@ def test_save_label_is_atomic_and_checks_shape(tmp_path):
         save_label(p, np.ones((4, 4, 3), np.uint8), img)
     assert p.read_bytes() == before  # nothing lost
     assert sorted(x.name for x in tmp_path.iterdir()) == ["img.nii.gz", "lab.nii.gz"]  # no temp left
+
+
+@pytest.mark.parametrize("orientation", ["RAS", "LPS"])
+def test_dicom_series_reads_like_the_nifti(tmp_path, orientation):
+    """A DICOM series written from a volume loads with the same voxels-in-world (via MONAI/ITK)."""
+    from ragseg.dicom import write_series
+
+    s = make_subject(4, shape=(20, 16, 6), spacing=(0.9, 1.3, 2.5), orientation=orientation)
+    write_series(s.image, s.affine, tmp_path / "series")
+    vol = load_image(tmp_path / "series")
+    ref_axial = canonical_slices(np.rint(s.image), s.affine, "axial")
+    got_axial = canonical_slices(vol.array, vol.affine, "axial")
+    assert got_axial.shape == ref_axial.shape
+    assert np.array_equal(got_axial, ref_axial)
+    # same world position of voxel centres (up to the reader's axis order)
+    assert np.allclose(sorted(vol.spacing), sorted((0.9, 1.3, 2.5)), atol=1e-4)
+    corner = vol.affine @ np.array([0, 0, 0, 1.0])
+    corners_ref = [s.affine @ np.array([*c, 1.0]) for c in np.ndindex(2, 2, 2)
+                   for c in [tuple(np.array(c) * (np.array(s.image.shape) - 1))]]
+    assert min(np.abs(corner - c).max() for c in corners_ref) < 1e-3
+    # a label written on the DICOM grid goes back exactly onto it
+    out = save_label(tmp_path / "lab.nii.gz", np.ones(vol.shape, np.uint8), vol)
+    assert np.allclose(load_label(out, like=vol).affine, vol.affine)
+
+
+def test_empty_dicom_folder(tmp_path):
+    (tmp_path / "series").mkdir()
+    _expect(tmp_path / "series", "DICOM folder is empty")

@@ -165,8 +165,10 @@ def cmd_label_all(a: argparse.Namespace) -> int:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
-    from .bench import main_engine
+    from .bench import main_engine, main_index
 
+    if a.section == "index":
+        return main_index(a.slices, a.slice_size, not a.no_memories, a.json)
     ks = tuple(int(x) for x in a.k.split(","))
     return main_engine(a.image_size, ks, a.queries, a.repeats, a.json)
 
@@ -226,7 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
     la.set_defaults(func=cmd_label_all)
 
     be = sub.add_parser("bench", help="benchmark the engine (random weights; prints a table and JSON)")
+    be.add_argument("section", nargs="?", default="engine", choices=("engine", "index"),
+                    help="engine: per-slice time cached vs uncached supports; index: label save -> indexed")
     be.add_argument("--image-size", type=int, default=512)
+    be.add_argument("--slices", type=int, default=100, help="index: labeled slices in the volume")
+    be.add_argument("--slice-size", type=int, default=512, help="index: in-plane size of the volume")
+    be.add_argument("--no-memories", action="store_true", help="index: skip support-memory pre-computation")
     be.add_argument("-k", default="1,3,7", help="comma-separated support counts")
     be.add_argument("--queries", type=int, default=4, help="query slices per measurement")
     be.add_argument("--repeats", type=int, default=3)
