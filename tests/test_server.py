@@ -364,3 +364,35 @@ def test_bad_conf_stops_the_server_naming_the_key(tmp_path):
         srv.start(timeout=90)
     srv.stop()
     assert "--conf k: must be between 1 and 16, got 99" in str(ei.value) + srv.tail(200)
+
+
+def test_weights_in_place_give_a_segmentation(tmp_path):
+    """The user-facing path (no random flag): official-format files at explicit paths load and serve.
+
+    The files hold random weights (no official weights can be fetched here) in the official
+    layouts: a SAM 2.1 ``.pt`` with a ``model`` state dict, a DINOv2 ``save_pretrained`` folder.
+    """
+    import torch
+    from transformers import Dinov2Config, Dinov2Model
+
+    from ragseg.sam2_model import build_sam2
+
+    m = build_sam2("hiera_t", image_size=128, random_weights=True, seed=5)
+    torch.save({"model": m.state_dict()}, tmp_path / "sam2.1_hiera_tiny.pt")
+    torch.manual_seed(0)
+    Dinov2Model(Dinov2Config(hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=96,
+                             patch_size=14)).save_pretrained(tmp_path / "dino")
+    make_dataset(tmp_path / "ds", n_subjects=3, n_labeled=1, shape=SHAPE)
+    conf = {"sam2_checkpoint": str(tmp_path / "sam2.1_hiera_tiny.pt"), "dinov2": str(tmp_path / "dino"),
+            "image_size": "128", "labels": "liver=1,spleen=2,kidney=3", "reconcile_interval": "0.5"}
+    srv = Server(tmp_path / "ds", tmp_path / "server.log", conf,
+                 env={"RAGSEG_WEIGHTS_DIR": str(tmp_path / "no-weights")}).start()
+    try:
+        st = srv.wait_for(lambda i: i["ragseg"]["usable"] and i["ragseg"].get("index", {}).get("images") == 1)["ragseg"]
+        assert st["random_weights"] is False and "warning" not in st
+        status, body, _ = infer(srv, "subject_02", {"k": 2}, "json")
+        res = json.loads(body)
+        assert status == 200 and res["segmented_labels"] == ["liver", "spleen", "kidney"]
+        assert not any("RANDOM" in w for w in res["warnings"])
+    finally:
+        srv.stop()
