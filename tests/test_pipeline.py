@@ -177,3 +177,23 @@ def test_cli_errors_are_one_line(tmp_path, dataset):
     shutil.rmtree(empty / "labels")
     p = run("segment", str(empty / "subject_03.nii.gz"), "--supports", str(empty), "--random-weights-for-testing")
     assert p.returncode == 2 and "labels/ folder" in p.stderr
+
+
+@pytest.mark.slow
+def test_label_all_local_resumes_and_never_touches_final(tmp_path, dataset):
+    from ragseg.factory import ModelConfig
+    from ragseg.label_all import label_local, local_segmenter_factory
+
+    final_before = {p.name: p.read_bytes() for p in (dataset / "labels" / "final").iterdir()}
+    cfg = ModelConfig(random_weights=True, image_size=128)
+    factory = local_segmenter_factory(dataset, cfg, Preprocess(), 2)
+    rep = label_local(dataset, factory, limit=1, progress=False)  # "interrupted" after one image
+    assert rep.done == ["subject_02"] and sorted(rep.human) == ["subject_00", "subject_01"]
+    mtime = (dataset / "labels" / "original" / "subject_02.nii.gz").stat().st_mtime_ns
+    rep = label_local(dataset, factory, progress=False)
+    assert rep.done == ["subject_03"] and rep.skipped == ["subject_02"]
+    assert (dataset / "labels" / "original" / "subject_02.nii.gz").stat().st_mtime_ns == mtime
+    out = load_label(dataset / "labels" / "original" / "subject_03.nii.gz",
+                     like=load_image(dataset / "subject_03.nii.gz"))
+    assert out.shape == SHAPE
+    assert {p.name: p.read_bytes() for p in (dataset / "labels" / "final").iterdir()} == final_before
