@@ -47,6 +47,23 @@ def file_checksum(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+class ChecksumCache:
+    """:func:`file_checksum` memoised on (size, mtime, inode): re-hash only files that changed."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[tuple, str]] = {}
+
+    def __call__(self, path: str | os.PathLike) -> str:
+        st = os.stat(path)
+        sig = (st.st_size, st.st_mtime_ns, st.st_ino)
+        hit = self._seen.get(str(path))
+        if hit and hit[0] == sig:
+            return hit[1]
+        h = file_checksum(path)
+        self._seen[str(path)] = (sig, h)
+        return h
+
+
 def image_id_of(path: str | os.PathLike) -> str:
     """MONAI Label's image id for a file: its name without the (double) extension."""
     name = Path(path).name

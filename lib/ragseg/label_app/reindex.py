@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 
 from ..errors import RagsegError
 from ..pipeline import LabeledVolume, embed_labeled_volume
-from ..volume import file_checksum
+from ..volume import ChecksumCache, file_checksum
 from .components import Components
 
 logger = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class Reindexer:
         self._pending: dict[str, str] = {}  # image id -> queued job id (dedup)
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
-        self._stat_cache: dict[str, tuple[tuple, str]] = {}  # path -> ((size, mtime), sha256)
+        self._checksum = ChecksumCache()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
@@ -117,16 +117,6 @@ class Reindexer:
         return False
 
     # -- reconcile ------------------------------------------------------------------------------
-    def _checksum(self, path: str) -> str:
-        st = os.stat(path)
-        sig = (st.st_size, st.st_mtime_ns, st.st_ino)
-        hit = self._stat_cache.get(path)
-        if hit and hit[0] == sig:
-            return hit[1]
-        h = file_checksum(path)
-        self._stat_cache[path] = (sig, h)
-        return h
-
     def labeled_items(self) -> list[LabeledVolume]:
         """Every image with a final label, as (id, image path, label path)."""
         ds = self.datastore

@@ -25,7 +25,7 @@ from monailabel.interfaces.tasks.strategy import Strategy
 from ..embedders import l2_normalize
 from ..errors import InputError
 from ..pipeline import index_id
-from ..volume import canonical_to_file_slice, file_checksum, load_image
+from ..volume import ChecksumCache, canonical_to_file_slice, load_image
 from .components import Components, ModelUnavailable
 
 logger = logging.getLogger(__name__)
@@ -39,21 +39,11 @@ class SliceEmbeddingCache:
 
     def __init__(self, components: Components):
         self.c = components
-        self._sums: dict[str, tuple[tuple, str]] = {}
+        self._checksum = ChecksumCache()
 
     def _dir(self) -> Path:
         tag = hashlib.sha256(index_id(self.c.embedder(), self.c.pre).encode()).hexdigest()[:12]
         return self.c.index_dir / "embeddings" / tag
-
-    def _checksum(self, path: str) -> str:
-        st = os.stat(path)
-        sig = (st.st_size, st.st_mtime_ns)
-        hit = self._sums.get(path)
-        if hit and hit[0] == sig:
-            return hit[1]
-        h = file_checksum(path)
-        self._sums[path] = (sig, h)
-        return h
 
     def get(self, image_path: str) -> tuple[np.ndarray, np.ndarray]:
         """(canonical slice indices, embeddings) for a sample of the image's slices."""
