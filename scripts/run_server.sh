@@ -6,6 +6,8 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/setup_env.sh
+# this checkout's code, even if the shared venv's editable install points at another clone
+export PYTHONPATH="$root/lib${PYTHONPATH:+:$PYTHONPATH}"
 data="${RAGSEG_STUDIES:-sample-datasets/synthetic-abdomen}"
 if [ ! -d "$data" ]; then
   .venv/bin/ragseg sample-data "$data" --subjects 8 --labeled 2

@@ -5,6 +5,8 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/setup_env.sh
+# this checkout's code, even if the shared venv's editable install points at another clone
+export PYTHONPATH="$root/lib${PYTHONPATH:+:$PYTHONPATH}"
 py=.venv/bin/python
 "$py" -m ruff check lib tests apps scripts
 # Threads: the machine has 2 cores; tests set torch threads themselves.

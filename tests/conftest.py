@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# This checkout's library wins over whatever clone the shared venv's editable install points at,
+# here and in the subprocesses tests start (server, CLI).
+LIB = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lib")
+sys.path.insert(0, LIB)
+os.environ["PYTHONPATH"] = os.pathsep.join([LIB] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+# tools installed into the venv (dcmqi's itkimage2segimage, monailabel) must be found by name
+os.environ["PATH"] = f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}"
 
 # Small model sizes keep CPU tests fast; the code paths are the ones used at 1024.
 TEST_SAM2_SIZE = 256

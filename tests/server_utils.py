@@ -34,9 +34,10 @@ class Server:
         self.conf = conf or {}
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 180.0) -> Server:
+    def start(self, timeout: float = 180.0, studies_override: str | None = None) -> Server:
+        """Start and wait for /info. ``studies_override``: e.g. a DICOMweb URL instead of a folder."""
         cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR),
-               "--studies", str(self.studies), "--host", "127.0.0.1", "--port", str(self.port)]
+               "--studies", studies_override or str(self.studies), "--host", "127.0.0.1", "--port", str(self.port)]
         for k, v in self.conf.items():
             cmd += ["--conf", k, str(v)]
         env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1", **self.extra_env)

@@ -364,8 +364,8 @@ def resize_logits(logits: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
 
 def _atomic_target(path: Path) -> tuple[int, str]:
     path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes) or ".tmp"
-    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=str(path.parent))
+    # keep the real extension (the writer picks the format by it); the name stays short
+    return tempfile.mkstemp(prefix=".partial-", suffix=_ext_of(path) or ".tmp", dir=str(path.parent))
 
 
 def save_label(path: str | os.PathLike, label: np.ndarray, like: Volume,

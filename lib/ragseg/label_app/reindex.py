@@ -26,6 +26,7 @@ from ..errors import RagsegError
 from ..pipeline import LabeledVolume, embed_labeled_volume
 from ..volume import ChecksumCache, file_checksum
 from .components import Components
+from .dicomweb import DicomwebLabels, is_dicomweb
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,8 @@ class Reindexer:
         self.max_jobs_kept = max_jobs_kept
         self.last_reconcile: float | None = None
         self.pid = os.getpid()
+        self._dicomweb = (DicomwebLabels(datastore, components.index_dir / "dicomweb")
+                         if is_dicomweb(datastore) else None)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -120,6 +123,8 @@ class Reindexer:
     def labeled_items(self) -> list[LabeledVolume]:
         """Every image with a final label, as (id, image path, label path)."""
         ds = self.datastore
+        if self._dicomweb is not None:
+            return [LabeledVolume(i, img, lab) for i, img, lab in self._dicomweb.items()]
         out = []
         for image_id in sorted(ds.get_labeled_images(FINAL)):
             try:

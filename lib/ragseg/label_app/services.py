@@ -15,6 +15,7 @@ from fastapi import HTTPException
 
 from .components import Components
 from .config import AppConfig
+from .dicomweb import is_dicomweb
 from .reindex import Reindexer
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,8 @@ class Services:
         ds = self.datastore
         if ds is None:
             return None
+        if is_dicomweb(ds):  # its get_label_uri wants the SEG id; use the label the re-indexer converted
+            return self.reindexer._dicomweb.label_path(image_id) if self.reindexer else None
         try:
             p = ds.get_label_uri(image_id, "final")
         except Exception:
