@@ -202,6 +202,8 @@ def test_active_learning_suggests_the_most_diverse_image(server):
     # stored in the image info for clients and the infer task
     status, body, _ = server.get(f"/datastore/image/info?image={res['id']}")
     assert status == 200 and json.loads(body)["ragseg_suggestion"]["id"] == res["id"]
+    status, body, _ = infer(server, res["id"], {"slice": res["slices"][:1]}, "json")
+    assert status == 200 and json.loads(body)["suggestion"]["slices"] == res["slices"]
 
 
 def test_dropped_label_file_is_indexed(server):
@@ -317,6 +319,30 @@ def test_concurrent_saves_and_infers(server):
     assert max(busy_latency) < 2.0
 
 
+def test_label_all_via_batch_endpoint(server):
+    """POST /batch/infer runs in MONAI Label's subprocess (its own app instance, shared index)."""
+    wait_indexed(server)
+    final_before = {p.name: p.read_bytes() for p in (server.studies / "labels" / "final").glob("*.nii.gz")}
+    orig = server.studies / "labels" / "original"
+    unlabeled = {f"subject_{i:02d}" for i in range(7)} - {n.removesuffix(".nii.gz") for n in final_before}
+    cmd = [sys.executable, "-m", "ragseg.cli", "label-all", server.url, "--batch", "-k", "2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr + server.tail(40)
+    assert f"labelled {len(unlabeled)}" in r.stdout
+    assert {q.name.removesuffix(".nii.gz") for q in orig.glob("*.nii.gz")} == unlabeled
+    for q in orig.glob("*.nii.gz"):
+        assert nib.load(q).shape == SHAPE
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert f"labelled 0, skipped {len(unlabeled)} already done" in r.stdout
+    assert {q.name: q.read_bytes() for q in (server.studies / "labels" / "final").glob("*.nii.gz")} == final_before
+    for iid in unlabeled:  # clean up through the API for the next test
+        assert server.request("DELETE", f"/datastore/label?id={iid}&tag=original")[0] == 200
+    end = time.time() + 30
+    while time.time() < end and list(orig.glob("*.nii.gz")):
+        time.sleep(0.2)
+    assert not list(orig.glob("*.nii.gz"))
+
+
 def test_label_all_via_server_interrupted_and_resumed(server):
     wait_indexed(server)
     final_before = {p.name: p.read_bytes() for p in (server.studies / "labels" / "final").glob("*.nii.gz")}
@@ -328,7 +354,14 @@ def test_label_all_via_server_interrupted_and_resumed(server):
         time.sleep(0.2)
     p.send_signal(signal.SIGINT)
     p.wait(timeout=120)
-    first = {q.name: q.stat().st_mtime_ns for q in orig.glob("*.nii.gz")}
+    # the server finishes the request it was serving when the client went away: wait until quiet
+    first: dict = {}
+    while True:
+        time.sleep(3)
+        now = {q.name: q.stat().st_mtime_ns for q in orig.glob("*.nii.gz")}
+        if now == first:
+            break
+        first = now
     assert first, "nothing was labelled before the interrupt"
     unlabeled = {f"subject_{i:02d}" for i in range(7)} - {n.removesuffix(".nii.gz") for n in final_before}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)

@@ -13,6 +13,7 @@ from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
 from ragseg import __version__
+from ragseg.label_app.batch import ResumableBatchInfer
 from ragseg.label_app.infer import RagSegInfer
 from ragseg.label_app.services import Services
 from ragseg.label_app.strategy import DiversityStrategy
@@ -34,10 +35,13 @@ class RagSegApp(MONAILabelApp):
 
     def init_infers(self):
         s = self.services
-        return {"ragseg": RagSegInfer(s.components, s.label_names, s.human_label)}
+        return {"ragseg": RagSegInfer(s.components, s.label_names, s.human_label, suggestion=s.suggestion)}
 
     def init_strategies(self):
         return {"diversity": DiversityStrategy(self.services.components), "random": Random(), "first": First()}
+
+    def init_batch_infer(self):
+        return ResumableBatchInfer()
 
     def on_init_complete(self):
         super().on_init_complete()

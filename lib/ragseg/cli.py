@@ -149,7 +149,9 @@ def cmd_sample_data(a: argparse.Namespace) -> int:
 def cmd_label_all(a: argparse.Namespace) -> int:
     from . import label_all
 
-    if a.target.startswith(("http://", "https://")):
+    if a.target.startswith(("http://", "https://")) and a.batch:
+        rep = label_all.label_server_batch(a.target, model=a.model, redo=a.redo, params={"k": a.k} if a.k else None)
+    elif a.target.startswith(("http://", "https://")):
         rep = label_all.label_server(a.target, model=a.model, redo=a.redo, limit=a.limit,
                                      params={"k": a.k} if a.k else None)
     else:
@@ -224,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("-k", type=int, default=None, help="supports per label")
     la.add_argument("--redo", action="store_true", help="recompute images that already have an original label")
     la.add_argument("--limit", type=int, default=None, help="label at most this many images")
+    la.add_argument("--batch", action="store_true",
+                    help="server mode: one POST /batch/infer/<model> (server-side subprocess) instead of per-image calls")
     _model_args(la)
     la.set_defaults(func=cmd_label_all)
 

@@ -114,6 +114,66 @@ def label_server(url: str, *, model: str = "ragseg", redo: bool = False, limit: 
     return rep
 
 
+def label_server_batch(url: str, *, model: str = "ragseg", redo: bool = False, progress: bool = True,
+                       params: dict | None = None, poll: float = 1.0, timeout: float = 24 * 3600) -> LabelAllReport:
+    """The same through MONAI Label's batch endpoint (one server-side subprocess for all images).
+
+    ``POST /batch/infer/<model>?images=unlabeled``; the app's batch task skips images that already
+    have an original label, so a re-run resumes. Progress is read from the datastore.
+    """
+    import json as _json
+    import urllib.error
+    import urllib.request
+
+    from monailabel.client import MONAILabelClient
+
+    client = MONAILabelClient(url)
+
+    def counts():
+        objs = client.datastore().get("objects", {})
+        return ({i for i, o in objs.items() if "final" in o.get("labels", {})},
+                {i for i, o in objs.items() if "original" in o.get("labels", {}) and "final" not in o.get("labels", {})},
+                set(objs))
+
+    human, before, ids = counts()
+    todo = sorted(ids - human - (set() if redo else before))
+    rep = LabelAllReport(human=sorted(human), skipped=[] if redo else sorted(before))
+    if not todo:
+        return rep
+    # multi_gpu=False: with no GPU, MONAI Label 0.8.5 divides by a zero GPU count otherwise
+    body = dict(params or {}, label_tag="original", save_label=True, device="cpu", multi_gpu=False, max_workers=1,
+                redo=redo)
+    req = urllib.request.Request(f"{url.rstrip('/')}/batch/infer/{model}?images=unlabeled", method="POST",
+                                 data=_json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    t0 = time.time()
+    try:
+        urllib.request.urlopen(req, timeout=60).read()
+    except urllib.error.HTTPError as e:
+        raise RagsegError(f"batch infer refused by {url}: {e.code} {e.read()[:300]!r}") from e
+    bar = tqdm(total=len(todo), desc="labelling (batch)", unit="img", disable=not progress)
+    status = {}
+    while time.time() - t0 < timeout:
+        time.sleep(poll)
+        _, now, _ = counts()
+        bar.n = len((now - before) | (now & set(todo) if redo else set()))
+        bar.refresh()
+        try:
+            with urllib.request.urlopen(f"{url.rstrip('/')}/batch/infer/", timeout=60) as r:
+                status = _json.loads(r.read())
+        except urllib.error.HTTPError:
+            continue
+        if status.get("status") not in ("RUNNING", "SUBMITTED", None):
+            break
+    bar.close()
+    _, after, _ = counts()
+    rep.done = sorted((after - before) if not redo else (after & set(todo)))
+    for i in todo:
+        if i not in rep.done:
+            rep.failed[i] = f"not labelled (batch status {status.get('status')})"
+    rep.seconds = time.time() - t0
+    return rep
+
+
 def local_segmenter_factory(root: Path, model_cfg, pre, k: int):
     """Index ``root/labels/final`` and return a Segmenter on it (built only when there is work)."""
 

@@ -83,7 +83,8 @@ class RagSegInfer(InferTask):
     """Few-shot segmentation from retrieved labeled slices (type 'segmentation', 3D)."""
 
     def __init__(self, components: Components, label_names: Callable[[], dict[str, int]],
-                 human_label: Callable[[str], str | None], description: str = ""):
+                 human_label: Callable[[str], str | None], description: str = "",
+                 suggestion: Callable[[str], dict | None] | None = None):
         cfg = components.cfg
         super().__init__(
             type=InferType.SEGMENTATION, labels=label_names(), dimension=3,
@@ -94,6 +95,7 @@ class RagSegInfer(InferTask):
         self.c = components
         self.label_names = label_names
         self.human_label = human_label
+        self.suggestion = suggestion or (lambda image_id: None)
 
     def is_valid(self) -> bool:
         return True  # listed even when unusable: info() says why, requests get the reason
@@ -213,6 +215,9 @@ class RagSegInfer(InferTask):
             "backend": self.c.cfg.backend,
             "latencies": {"total": round(time.time() - t0, 3)},
         }
+        sug = self.suggestion(image_id) if image_id != "upload" else None
+        if sug:  # the active-learning suggestion for this image: where to draw next
+            result["suggestion"] = {k: sug.get(k) for k in ("slices", "score", "coverage", "strategy", "ts")}
         if self.c.cfg.random_weights_for_testing:
             result["warnings"].append("RANDOM WEIGHTS (random_weights_for_testing=true): this mask is meaningless")
         if not segmented:

@@ -101,6 +101,13 @@ class Services:
             return None
         return p if p and os.path.exists(p) else None
 
+    def suggestion(self, image_id: str) -> dict | None:
+        """The diversity strategy's suggestion stored in the image info, if any."""
+        try:
+            return (self.datastore.get_image_info(image_id) or {}).get("ragseg_suggestion") if self.datastore else None
+        except Exception:
+            return None
+
     # -- request checks ---------------------------------------------------------------------------
     @staticmethod
     def check_infer_request(request: dict, infers: dict, datastore) -> None:
