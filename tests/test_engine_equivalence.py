@@ -138,3 +138,24 @@ def test_batched_queries_match_one_by_one(sam2_model, rng):
     for i in range(4):
         single, _ = eng.segment(feats.select([i]), [lists[i]])
         assert (single[0] - batched[i]).abs().max().item() < 1e-4
+
+
+@pytest.mark.slow
+def test_feature_cache_is_exact_and_bounded(sam2_model, rng):
+    from ragseg.engine import FeatureCache
+
+    eng = RagSam2Engine(sam2_model, model_id="f", feature_cache=FeatureCache())
+    x = eng.prepare_images(rng.random((3, 50, 60)).astype(np.float32))
+    fresh = eng.encode_images(x)
+    a = eng.encode_images_cached(x)
+    assert eng.features.misses == 3 and eng.features.hits == 0
+    b = eng.encode_images_cached(x[[2, 0]])  # a later request, another subset and order
+    assert eng.features.hits == 2
+    for lvl in range(len(fresh.vision_feats)):
+        assert torch.equal(a.vision_feats[lvl], fresh.vision_feats[lvl])
+        assert torch.equal(a.vision_pos[lvl], fresh.vision_pos[lvl])
+        assert torch.equal(b.vision_feats[lvl], fresh.vision_feats[lvl][:, [2, 0]])
+    per_slice = sum(f[:, :1].numel() * 4 for f in fresh.vision_feats)
+    small = RagSam2Engine(sam2_model, model_id="f", feature_cache=FeatureCache(max_bytes=2 * per_slice))
+    small.encode_images_cached(x)
+    assert len(small.features._d) == 2 and small.features._bytes <= 2 * per_slice

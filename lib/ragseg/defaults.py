@@ -48,3 +48,4 @@ LOCK_TIMEOUT_S = 120.0
 
 # --- caches ----------------------------------------------------------------------------------
 MEMORY_CACHE_ITEMS = 512  # support memories kept in RAM (about 130 KB each at 512 px)
+FEATURE_CACHE_BYTES = 1 << 30  # query-slice encoder features kept across requests (~4 MB/slice at 512)

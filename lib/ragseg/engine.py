@@ -162,6 +162,58 @@ class SupportMemoryCache:
             self._ram.clear()
 
 
+class FeatureCache:
+    """LRU of per-slice image-encoder features, bounded in bytes.
+
+    Keyed by a hash of the slice's model input, so a second request on the same volume (another
+    label, another k) skips the image encoder, and a changed image can never hit a stale entry.
+    Positional encodings are the same for every slice and are kept once, not per slice.
+    """
+
+    def __init__(self, max_bytes: int = defaults.FEATURE_CACHE_BYTES):
+        self.max_bytes = int(max_bytes)
+        self._d: OrderedDict[str, list[torch.Tensor]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.pos: list[torch.Tensor] | None = None
+        self.sizes: list[tuple[int, int]] | None = None
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def key(image: torch.Tensor, model_id: str) -> str:
+        import hashlib
+
+        return hashlib.sha1(model_id.encode() + image.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+    def get(self, key: str) -> list[torch.Tensor] | None:
+        with self._lock:
+            v = self._d.get(key)
+            if v is None:
+                self.misses += 1
+                return None
+            self._d.move_to_end(key)
+            self.hits += 1
+            return v
+
+    def put(self, key: str, feats: list[torch.Tensor]) -> None:
+        n = sum(f.numel() * f.element_size() for f in feats)
+        if n > self.max_bytes:
+            return
+        with self._lock:
+            if key in self._d:
+                return
+            self._d[key] = feats
+            self._bytes += n
+            while self._bytes > self.max_bytes and self._d:
+                _, old = self._d.popitem(last=False)
+                self._bytes -= sum(f.numel() * f.element_size() for f in old)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._d.clear()
+            self._bytes = 0
+
+
 class RagSam2Engine:
     """Segments query slices from support memories with SAM 2's memory attention.
 
@@ -171,17 +223,40 @@ class RagSam2Engine:
         cache: support-memory cache (RAM only when None is given a default in-RAM cache).
         encode_batch: slices per image-encoder forward pass.
         object_batch: (query, object) pairs per memory-attention pass; bounds attention memory.
+        feature_cache: LRU of query-slice image features across requests (None: a default one;
+            pass ``FeatureCache(0)`` to disable).
+        autocast: run the image encoder and memory attention under bfloat16 autocast. 'auto' =
+            on when the model is on a CUDA GPU (as SAM 2's own demos run); ignored on CPU.
+        compile: ``torch.compile`` the image encoder ('auto' = on CUDA only; it does not pay off
+            on CPU and needs a compiler toolchain).
     """
 
     def __init__(self, model: torch.nn.Module, *, model_id: str, cache: SupportMemoryCache | None = None,
-                 encode_batch: int = defaults.ENCODE_BATCH, object_batch: int = 8):
+                 encode_batch: int = defaults.ENCODE_BATCH, object_batch: int = 8,
+                 feature_cache: FeatureCache | None = None, autocast: bool | str = "auto",
+                 compile: bool | str = False):
         self.model = model
         self.model_id = model_id
         self.cache = cache if cache is not None else SupportMemoryCache()
+        self.features = feature_cache if feature_cache is not None else FeatureCache()
         self.encode_batch = max(1, int(encode_batch))
         self.object_batch = max(1, int(object_batch))
         self.image_size = int(model.image_size)
         self._pos_enc: torch.Tensor | None = None  # memory positional encoding: same for every frame
+        on_cuda = self.device.type == "cuda"
+        self.autocast = on_cuda if autocast == "auto" else bool(autocast) and on_cuda
+        if (on_cuda if compile == "auto" else bool(compile)):
+            try:
+                self.model.image_encoder = torch.compile(self.model.image_encoder, dynamic=False)
+            except Exception as e:  # no toolchain / unsupported op: eager still works
+                logger.warning("torch.compile unavailable, running eagerly: %s", e)
+
+    def _amp(self):
+        import contextlib
+
+        if self.autocast:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     @property
     def device(self) -> torch.device:
@@ -211,10 +286,32 @@ class RagSam2Engine:
         parts = []
         for s in range(0, len(images), self.encode_batch):
             x = images[s:s + self.encode_batch].to(self.device, dtype=torch.float32)
-            backbone_out = self.model.forward_image(x)
-            _, feats, pos, sizes = self.model._prepare_backbone_features(backbone_out)
-            parts.append(ImageFeatures(list(feats), list(pos), list(sizes)))
+            with self._amp():
+                backbone_out = self.model.forward_image(x)
+                _, feats, pos, sizes = self.model._prepare_backbone_features(backbone_out)
+            parts.append(ImageFeatures([f.float() for f in feats], [p.float() for p in pos], list(sizes)))
         return ImageFeatures.cat(parts)
+
+    @torch.inference_mode()
+    def encode_images_cached(self, images: torch.Tensor) -> ImageFeatures:
+        """:meth:`encode_images` through the feature LRU: only slices not seen recently are encoded."""
+        fc = self.features
+        if fc.max_bytes <= 0:
+            return self.encode_images(images)
+        keys = [fc.key(images[i], self.model_id) for i in range(len(images))]
+        got = [fc.get(k) for k in keys]
+        miss = [i for i, g in enumerate(got) if g is None]
+        if miss:
+            new = self.encode_images(images[miss])
+            if fc.pos is None:
+                fc.pos, fc.sizes = [p[:, :1].clone() for p in new.vision_pos], list(new.feat_sizes)
+            for j, i in enumerate(miss):
+                got[i] = [f[:, j:j + 1].clone() for f in new.vision_feats]
+                fc.put(keys[i], got[i])
+        n = len(images)
+        feats = [torch.cat([g[lvl] for g in got], 1) for lvl in range(len(got[0]))]
+        pos = [p.expand(-1, n, -1) for p in fc.pos]
+        return ImageFeatures(feats, pos, list(fc.sizes))
 
     # -- support memories -------------------------------------------------------------------------
     @torch.inference_mode()
@@ -320,12 +417,13 @@ class RagSam2Engine:
         for s in range(0, n, self.object_batch):
             idx = list(range(s, min(n, s + self.object_batch)))
             f = query_feats.select(idx)
-            out = self.model.track_step(
-                frame_idx=qf, is_init_cond_frame=False, current_vision_feats=f.vision_feats,
-                current_vision_pos_embeds=f.vision_pos, feat_sizes=f.feat_sizes, point_inputs=None,
-                mask_inputs=None, num_frames=nf, run_mem_encoder=False,
-                output_dict={"cond_frame_outputs": self._cond_outputs([memories[i] for i in idx], frames),
-                             "non_cond_frame_outputs": {}})
+            with self._amp():
+                out = self.model.track_step(
+                    frame_idx=qf, is_init_cond_frame=False, current_vision_feats=f.vision_feats,
+                    current_vision_pos_embeds=f.vision_pos, feat_sizes=f.feat_sizes, point_inputs=None,
+                    mask_inputs=None, num_frames=nf, run_mem_encoder=False,
+                    output_dict={"cond_frame_outputs": self._cond_outputs([memories[i] for i in idx], frames),
+                                 "non_cond_frame_outputs": {}})
             logits.append(out["pred_masks"].float())
             scores.append(out["object_score_logits"].float())
         return torch.cat(logits, 0), torch.cat(scores, 0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -214,6 +215,9 @@ class SegmentationResult:
     supports: label value -> list of (image_id, slice_index) pairs used (first query slice).
     missing_labels: requested labels with no labeled slice in the pool.
     slices: canonical slice indices that were segmented.
+    timings: seconds per stage: load (read + normalise), embed (DINOv2 of the queries),
+        retrieval, supports (memories from cache or computed), encode (SAM 2 image encoder),
+        decode (memory attention + mask decoder), write (upsampling + label assembly).
     """
 
     label_map: np.ndarray
@@ -221,6 +225,7 @@ class SegmentationResult:
     supports: dict[int, list[tuple[str, int]]] = field(default_factory=dict)
     missing_labels: list[int] = field(default_factory=list)
     slices: list[int] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
 
 
 class Segmenter:
@@ -262,9 +267,12 @@ class Segmenter:
                 without ``allow_same_image``, none of its slices is).
             labels: label values to segment (default: every label in the pool).
         """
+        tm: dict[str, float] = dict.fromkeys(("load", "embed", "retrieval", "supports", "encode", "decode", "write"), 0.0)
+        t = time.perf_counter()
         vol = image if isinstance(image, Volume) else load_image(image)
         image_id = image_id or image_id_of(vol.path or "query")
         all_slices = self.pre.slices(vol)
+        tm["load"] = time.perf_counter() - t
         n_total, H, W = all_slices.shape
         sel = list(range(n_total)) if slices is None else sorted(set(int(s) for s in slices))
         bad = [s for s in sel if not 0 <= s < n_total]
@@ -275,12 +283,15 @@ class Segmenter:
         missing = [v for v in want if v not in pool]
         active = [v for v in want if v in pool]
         res = SegmentationResult(np.zeros(vol.shape, dtype=np.uint8 if max(want or [0]) < 256 else np.uint16),
-                                 missing_labels=missing, slices=sel)
+                                 missing_labels=missing, slices=sel, timings=tm)
         if not active or not sel:
             return res
 
         q = all_slices[sel]
+        t = time.perf_counter()
         qvec = self.embedder.embed(q)
+        tm["embed"] = time.perf_counter() - t
+        t = time.perf_counter()
         excl_img = [] if self.allow_same_image else [image_id]
         # supports per label and query slice, most similar last (nearest frame to the query)
         per_label: dict[int, list[list]] = {}
@@ -295,6 +306,7 @@ class Segmenter:
                 hits = self.index.search(qvec, self.k, label=v, exclude=[(image_id, s) for s in sel],
                                          exclude_images=excl_img)
                 per_label[v] = [h[::-1] for h in hits]
+        tm["retrieval"] = time.perf_counter() - t
         for v in active:
             first = per_label[v][0]
             res.supports[v] = [(h.record.image_id, h.record.slice_index) for h in first]
@@ -315,18 +327,24 @@ class Segmenter:
                     if rid not in sup_objs:
                         sup_objs[rid] = self.store.support(h.record, v)
         order = list(sup_objs)
+        t = time.perf_counter()
         mems = dict(zip(order, self.engine.support_memories([sup_objs[r] for r in order])))
+        tm["supports"] = time.perf_counter() - t
 
         n_sel, L = len(sel), len(active)
         # float16 halves the volume-sized buffer; -1024 and the 0 threshold are exact in it
         logits = torch.full((n_sel, L, H, W), -1024.0, dtype=torch.float16)
         if self.propagate:
+            t = time.perf_counter()
             logits = self._propagate(q, active, per_label, mems, (H, W))
+            tm["decode"] = time.perf_counter() - t
         else:
             eb = self.engine.encode_batch
             for s in tqdm(range(0, n_sel, eb), desc="segmenting", disable=not progress, unit="batch"):
                 chunk = list(range(s, min(n_sel, s + eb)))
-                feats = self.engine.encode_images(self.engine.prepare_images(q[chunk]))
+                t = time.perf_counter()
+                feats = self.engine.encode_images_cached(self.engine.prepare_images(q[chunk]))
+                tm["encode"] += time.perf_counter() - t
                 groups: dict[int, list[tuple[int, int]]] = {}
                 for ci, qi in enumerate(chunk):
                     for li, v in enumerate(active):
@@ -337,11 +355,17 @@ class Segmenter:
                     f = feats.select([ci for ci, _ in items])
                     mem_lists = [[mems[_rkey(h, active[li])] for h in per_label[active[li]][chunk[ci]]]
                                  for ci, li in items]
+                    t = time.perf_counter()
                     low, _ = self.engine.segment(f, mem_lists)
+                    tm["decode"] += time.perf_counter() - t
+                    t = time.perf_counter()
                     up = resize_logits(low, (H, W))[:, 0].cpu()
                     for j, (ci, li) in enumerate(items):
                         logits[chunk[ci], li] = up[j]
+                    tm["write"] += time.perf_counter() - t
+        t = time.perf_counter()
         self._write_result(res, vol, logits, active, sel, n_total, return_probabilities)
+        tm["write"] += time.perf_counter() - t
         return res
 
     def _propagate(self, q: np.ndarray, active: list[int], per_label: dict, mems: dict,
@@ -357,7 +381,7 @@ class Segmenter:
                 cache.clear()
                 eb = self.engine.encode_batch
                 start = (j // eb) * eb
-                f = self.engine.encode_images(self.engine.prepare_images(q[start:start + eb]))
+                f = self.engine.encode_images_cached(self.engine.prepare_images(q[start:start + eb]))
                 for t in range(len(f)):
                     cache[start + t] = f.select([t])
             return cache[j]
