@@ -1,9 +1,8 @@
 """Benchmarks that print numbers (``ragseg bench``). Random weights: cost does not depend on them.
 
-Section ``engine``: per-query-slice time of the RAG-SAM 2 engine for k supports, with support
-memories cached (the product path: memories computed when the label was saved) and uncached
-(every support's image encoded and its memory computed for the query, as a video-predictor
-pipeline would do), measured side by side in one run.
+Sections: ``volume`` (per-stage time of one volume through the product path for k = 1, 3, 7, and
+the naive video-predictor-style path beside it, in one run), ``retrieval`` (exact and IVF index
+latency, memory and recall at 1e3..1e6 stored slices), ``index`` (label save -> indexed).
 """
 
 from __future__ import annotations
@@ -12,91 +11,215 @@ import json
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
-from .engine import RagSam2Engine, Support, SupportMemoryCache
+from .engine import RagSam2Engine, SupportMemoryCache
 from .sam2_model import build_sam2
 
 
-@dataclass
-class EngineTiming:
-    k: int
-    cached_s_per_slice: float
-    uncached_s_per_slice: float
-
-    @property
-    def ratio(self) -> float:
-        return self.uncached_s_per_slice / self.cached_s_per_slice
+def _env() -> dict:
+    return {"device": "cuda" if torch.cuda.is_available() else "cpu",
+            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "dtype": "bfloat16 autocast" if torch.cuda.is_available() else "float32",
+            "torch": torch.__version__}
 
 
-def _supports(rng: np.random.Generator, k: int, size: int, tag: str) -> list[Support]:
-    out = []
-    for i in range(k):
-        img = rng.random((size, size)).astype(np.float32)
-        m = np.zeros((size, size), bool)
-        m[size // 4: size // 2 + i, size // 4: 3 * size // 4] = True
-        out.append(Support(f"{tag}-{i}", (lambda img=img, m=m: (img, m))))
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def _vits14_embedder():
+    """DINOv2 with the ViT-S/14 shape (the default `dinov2-small`), random weights."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    from .embedders import DinoV2Embedder
+
+    torch.manual_seed(0)
+    cfg = Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
+                       patch_size=14, image_size=224)
+    return DinoV2Embedder(Dinov2Model(cfg), name="vits14-shape-random", image_size=224)
+
+
+def volume_bench(n_slices: int = 100, size: int = 512, sam2_size: int = 512, ks: tuple[int, ...] = (1, 3, 7),
+                 naive_slices: int = 8, variant: str = "hiera_t", embedder=None) -> dict:
+    """One volume through the product path, per stage, for each k; and the naive path beside it.
+
+    * product path: support memories pre-computed (as after a label save), query slices batched
+      through the encoder, cold feature cache per k; a warm re-run shows the cross-request cache.
+    * naive path (a video-predictor pipeline): for every query slice, every support's image is
+      encoded and its memory computed again; measured on ``naive_slices`` slices per k.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from .engine import FeatureCache
+    from .pipeline import LabeledVolume, Preprocess, Segmenter, open_index, sync_index
+    from .synthetic import make_subject, write_subject
+
+    emb = embedder or _vits14_embedder()
+    model = build_sam2(variant, image_size=sam2_size, random_weights=True)
+    pre = Preprocess()
+    out: dict = {"env": _env(), "n_slices": n_slices, "slice_size": size, "sam2": f"sam2.1-{variant} {sam2_size} px",
+                 "embedder": emb.id, "rows": []}
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        spacing = (300.0 / size, 300.0 / size, 300.0 / n_slices)
+        for i, name in enumerate(("pool", "query")):
+            write_subject(make_subject(i, shape=(size, size, n_slices), spacing=spacing), d / f"{name}.nii.gz",
+                          d / f"{name}_label.nii.gz")
+        idx = open_index(d / "index", emb, pre)
+        sync_index(idx, emb, pre, [LabeledVolume("pool", str(d / "pool.nii.gz"), str(d / "pool_label.nii.gz"))])
+        out["pool_slices"] = len(idx)
+        for k in ks:
+            eng = RagSam2Engine(model, model_id="bench", feature_cache=FeatureCache())
+            seg = Segmenter(eng, emb, idx, pre, k=k)
+            seg.segment_volume(d / "query.nii.gz", image_id="query", labels=[1], slices=[n_slices // 2])  # warm-up
+            eng.features.clear()
+            # pre-compute every support memory the volume will need (done at label-save time)
+            t0 = time.perf_counter()
+            seg.segment_volume(d / "query.nii.gz", image_id="query", labels=[1], slices=range(0, n_slices, 10))
+            eng.features.clear()
+            pre_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            res = seg.segment_volume(d / "query.nii.gz", image_id="query", labels=[1])
+            total = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            seg.segment_volume(d / "query.nii.gz", image_id="query", labels=[1])
+            warm = time.perf_counter() - t0
+            tm = dict(res.timings)
+            unavoidable = tm["encode"] + tm["decode"]
+            # naive: every support re-encoded for every query slice
+            q = pre.slices(__import__("ragseg.volume", fromlist=["load_image"]).load_image(d / "query.nii.gz"))
+            zs = np.linspace(0, n_slices - 1, min(naive_slices, n_slices)).round().astype(int)
+            qv = emb.embed(q[zs])
+            hits = idx.search(qv, k, label=1)
+            t0 = time.perf_counter()
+            for z, h in zip(zs, hits):
+                fresh = RagSam2Engine(model, model_id="naive", cache=SupportMemoryCache(), feature_cache=FeatureCache(0))
+                mems = fresh.support_memories([seg.store.support(x.record, 1) for x in h[::-1]])
+                f = fresh.encode_images(fresh.prepare_images(q[z:z + 1]))
+                fresh.segment(f, [mems])
+            naive_per_slice = (time.perf_counter() - t0) / len(zs)
+            ours_per_slice = total / n_slices
+            out["rows"].append({
+                "k": k, "total_s": total, "slices_per_s": n_slices / total, "stages_s": tm,
+                "unavoidable_s": unavoidable, "total_over_unavoidable": total / unavoidable,
+                "warm_total_s": warm, "memory_precompute_s": pre_s,
+                "ours_s_per_slice": ours_per_slice, "naive_s_per_slice": naive_per_slice,
+                "naive_over_ours": naive_per_slice / ours_per_slice,
+            })
+    out["peak_rss_mb"] = _peak_rss_mb()
+    if torch.cuda.is_available():
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
 
 
-def engine_timing(image_size: int = 512, ks: tuple[int, ...] = (1, 3, 7), n_queries: int = 4,
-                  repeats: int = 3, variant: str = "hiera_t") -> dict:
-    """Median seconds per query slice, cached vs uncached supports, for each k."""
-    torch.manual_seed(0)
-    model = build_sam2(variant, image_size=image_size, random_weights=True)
+def _clustered(n: int, dim: int, rng: np.random.Generator, per_cluster: int = 200, noise: float = 0.6,
+               n_queries: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Synthetic slice embeddings: unit vectors around cluster centres.
+
+    A cluster stands for the slices of one region of one kind of scan (about ``per_cluster``
+    slices); the noise vector has norm ``noise`` relative to its unit centre (cosine to the centre
+    about 0.85), so neighbours are similar but not duplicates. Queries are new slices drawn the
+    same way (a new scan of regions the pool has seen). Returns (vectors, queries).
+    """
+    from .embedders import l2_normalize
+
+    n_centers = max(4, n // per_cluster)
+    noise = noise / np.sqrt(dim)  # per-dimension s.d. for a noise vector of norm ~`noise`
+    centers = l2_normalize(rng.standard_normal((n_centers, dim)).astype(np.float32))
+    out = np.empty((n + n_queries, dim), np.float32)
+    for s in range(0, n + n_queries, 100_000):
+        m = min(100_000, n + n_queries - s)
+        out[s:s + m] = l2_normalize(centers[rng.integers(0, n_centers, m)]
+                                    + noise * rng.standard_normal((m, dim)).astype(np.float32))
+    return out[:n], out[n:]
+
+
+def retrieval_bench(sizes: tuple[int, ...] = (1_000, 10_000, 100_000, 1_000_000), dim: int = 384,
+                    n_queries: int = 200, k: int = 10) -> dict:
+    """Per-query latency and memory of the exact and IVF indexes, and IVF recall@k vs exact."""
+    import faiss
+
+    from .index import build_faiss
+
     rng = np.random.default_rng(0)
-    queries = rng.random((n_queries, image_size, image_size)).astype(np.float32)
     rows = []
-    with torch.inference_mode():
-        for k in ks:
-            cached_t, uncached_t = [], []
-            for r in range(repeats):
-                # uncached: a fresh cache every query, so every support is encoded for it
+    for n in sizes:
+        V, Q = _clustered(int(n), dim, rng, n_queries=n_queries)
+        ids = np.arange(len(V), dtype=np.int64)
+        row: dict = {"n": int(n)}
+        res_ids = {}
+        for kind in ("flat", "ivf"):
+            t0 = time.perf_counter()
+            index = build_faiss(V, ids, kind)
+            build = time.perf_counter() - t0
+            index.search(Q[:1], k)
+            lat = []
+            found = []
+            for i in range(n_queries):  # one query at a time: the latency an annotator sees
                 t0 = time.perf_counter()
-                for qi in range(n_queries):
-                    eng = RagSam2Engine(model, model_id="bench", cache=SupportMemoryCache())
-                    mems = eng.support_memories(_supports(rng, k, image_size, f"u{r}-{qi}"))
-                    f = eng.encode_images(eng.prepare_images(queries[qi:qi + 1]))
-                    eng.segment(f, [mems])
-                uncached_t.append((time.perf_counter() - t0) / n_queries)
-                # cached: memories computed once beforehand (at label-save time in the product)
-                eng = RagSam2Engine(model, model_id="bench", cache=SupportMemoryCache())
-                sup = _supports(rng, k, image_size, f"c{r}")
-                eng.support_memories(sup)
-                t0 = time.perf_counter()
-                f = eng.encode_images(eng.prepare_images(queries))
-                eng.segment(f, [eng.support_memories(sup)] * n_queries)
-                cached_t.append((time.perf_counter() - t0) / n_queries)
-            rows.append(EngineTiming(k, statistics.median(cached_t), statistics.median(uncached_t)))
-    return {
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "dtype": "float32",
-        "model": f"sam2.1-{variant} (random weights)",
-        "image_size": image_size,
-        "n_queries": n_queries,
-        "rows": [asdict(r) | {"ratio": r.ratio} for r in rows],
-    }
+                _, hit_ids = index.search(Q[i:i + 1], k)
+                lat.append(time.perf_counter() - t0)
+                found.append(hit_ids[0])
+            res_ids[kind] = np.array(found)
+            row[kind] = {"build_s": build, "median_ms": 1000 * statistics.median(lat),
+                         "p95_ms": 1000 * float(np.percentile(lat, 95)),
+                         "memory_mb": faiss.serialize_index(faiss.index_gpu_to_cpu(index) if hasattr(index, "getDevice")
+                                                            else index).nbytes / 2**20}
+        row["ivf"]["recall_at_k"] = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(res_ids["ivf"], res_ids["flat"])]))
+        rows.append(row)
+        del V
+    return {"env": _env(), "dim": dim, "k": k, "n_queries": n_queries, "data": "synthetic clustered unit vectors",
+            "rows": rows, "peak_rss_mb": _peak_rss_mb()}
 
 
-def print_engine_table(res: dict) -> None:
-    print(f"engine per query slice: {res['model']}, {res['image_size']} px, device {res['device']}, "
-          f"{res['threads']} threads, {res['dtype']}")
-    print(f"{'k':>3} {'cached s/slice':>15} {'uncached s/slice':>17} {'uncached/cached':>16}")
+def print_volume(res: dict) -> None:
+    e = res["env"]
+    print(f"device {e['device']}, {e['threads']} threads, {e['dtype']}, torch {e['torch']}")
+    print(f"volume {res['n_slices']} slices of {res['slice_size']}^2; {res['sam2']}; {res['embedder']}; "
+          f"pool {res['pool_slices']} labeled slices; 1 label")
+    hdr = ["k", "total s", "slices/s", "load", "embed", "retrieve", "supports", "encode", "decode", "write",
+           "total/unavoid", "warm s", "naive s/slice", "ours s/slice", "naive/ours"]
+    print(" ".join(f"{h:>12}" for h in hdr))
     for r in res["rows"]:
-        print(f"{r['k']:>3} {r['cached_s_per_slice']:>15.3f} {r['uncached_s_per_slice']:>17.3f} {r['ratio']:>16.2f}")
+        t = r["stages_s"]
+        vals = [r["k"], r["total_s"], r["slices_per_s"], t["load"], t["embed"], t["retrieval"], t["supports"],
+                t["encode"], t["decode"], t["write"], r["total_over_unavoidable"], r["warm_total_s"],
+                r["naive_s_per_slice"], r["ours_s_per_slice"], r["naive_over_ours"]]
+        print(" ".join(f"{v:>12}" if isinstance(v, int) else f"{v:>12.3f}" for v in vals))
+    print(f"peak RSS {res['peak_rss_mb']:.0f} MB" + (f", peak GPU {res['peak_gpu_mb']:.0f} MB" if "peak_gpu_mb" in res else ""))
 
 
-def main_engine(image_size: int, ks: tuple[int, ...], n_queries: int, repeats: int, json_path: str | None) -> int:
-    res = engine_timing(image_size, ks, n_queries, repeats)
-    print_engine_table(res)
+def print_retrieval(res: dict) -> None:
+    print(f"retrieval, dim {res['dim']}, k {res['k']}, {res['n_queries']} single queries, {res['data']}")
+    print(f"{'n':>10} {'exact ms':>9} {'exact MB':>9} {'ivf ms':>8} {'ivf MB':>8} {'ivf build s':>11} {'recall@k':>9}")
+    for r in res["rows"]:
+        print(f"{r['n']:>10} {r['flat']['median_ms']:>9.3f} {r['flat']['memory_mb']:>9.1f} {r['ivf']['median_ms']:>8.3f} "
+              f"{r['ivf']['memory_mb']:>8.1f} {r['ivf']['build_s']:>11.2f} {r['ivf']['recall_at_k']:>9.3f}")
+
+
+def main_bench(sections: tuple[str, ...], *, n_slices: int, size: int, sam2_size: int, ks: tuple[int, ...],
+               naive_slices: int, retrieval_sizes: tuple[int, ...], json_path: str | None, quick: bool = False) -> int:
+    out: dict = {}
+    if "volume" in sections:
+        emb = None
+        if quick:
+            from .embedders import DinoV2Embedder
+
+            emb = DinoV2Embedder.random(image_size=56)
+        out["volume"] = volume_bench(n_slices, size, sam2_size, ks, naive_slices, embedder=emb)
+        print_volume(out["volume"])
+    if "retrieval" in sections:
+        out["retrieval"] = retrieval_bench(retrieval_sizes, n_queries=20 if quick else 200)
+        print_retrieval(out["retrieval"])
     if json_path:
         with open(json_path, "w") as fh:
-            json.dump(res, fh, indent=1)
+            json.dump(out, fh, indent=1)
     return 0
 
 

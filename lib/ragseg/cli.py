@@ -167,12 +167,18 @@ def cmd_label_all(a: argparse.Namespace) -> int:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
-    from .bench import main_engine, main_index
+    from .bench import main_bench, main_index
 
     if a.section == "index":
         return main_index(a.slices, a.slice_size, not a.no_memories, a.json)
-    ks = tuple(int(x) for x in a.k.split(","))
-    return main_engine(a.image_size, ks, a.queries, a.repeats, a.json)
+    if a.quick:  # CI smoke size
+        a.slices, a.slice_size, a.image_size, a.naive_slices = 4, 64, 128, 2
+        a.retrieval_sizes = "1000,5000"
+    sections = ("volume", "retrieval") if a.section == "all" else (a.section,)
+    return main_bench(sections, n_slices=a.slices, size=a.slice_size, sam2_size=a.image_size,
+                      ks=tuple(int(x) for x in a.k.split(",")), naive_slices=a.naive_slices,
+                      retrieval_sizes=tuple(int(float(x)) for x in a.retrieval_sizes.split(",")),
+                      json_path=a.json, quick=a.quick)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -231,16 +237,17 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(la)
     la.set_defaults(func=cmd_label_all)
 
-    be = sub.add_parser("bench", help="benchmark the engine (random weights; prints a table and JSON)")
-    be.add_argument("section", nargs="?", default="engine", choices=("engine", "index"),
-                    help="engine: per-slice time cached vs uncached supports; index: label save -> indexed")
-    be.add_argument("--image-size", type=int, default=512)
-    be.add_argument("--slices", type=int, default=100, help="index: labeled slices in the volume")
-    be.add_argument("--slice-size", type=int, default=512, help="index: in-plane size of the volume")
-    be.add_argument("--no-memories", action="store_true", help="index: skip support-memory pre-computation")
+    be = sub.add_parser("bench", help="benchmarks (random weights; prints tables, --json writes them)")
+    be.add_argument("section", nargs="?", default="all", choices=("all", "volume", "retrieval", "index"),
+                    help="volume: per-stage time vs naive; retrieval: index scale; index: label save -> indexed")
+    be.add_argument("--slices", type=int, default=100, help="slices in the volume")
+    be.add_argument("--slice-size", type=int, default=512, help="in-plane size of the volume")
+    be.add_argument("--image-size", type=int, default=512, help="SAM 2 input size")
     be.add_argument("-k", default="1,3,7", help="comma-separated support counts")
-    be.add_argument("--queries", type=int, default=4, help="query slices per measurement")
-    be.add_argument("--repeats", type=int, default=3)
+    be.add_argument("--naive-slices", type=int, default=8, help="query slices measured on the naive path per k")
+    be.add_argument("--retrieval-sizes", default="1e3,1e4,1e5,1e6")
+    be.add_argument("--no-memories", action="store_true", help="index: skip support-memory pre-computation")
+    be.add_argument("--quick", action="store_true", help="tiny sizes (CI smoke test)")
     be.add_argument("--json", help="also write the results here")
     be.set_defaults(func=cmd_bench)
     return p

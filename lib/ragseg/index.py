@@ -37,6 +37,39 @@ FORMAT_VERSION = 1
 KINDS = ("auto", "flat", "ivf", "hnsw")
 
 
+def build_faiss(vectors: np.ndarray, ids: np.ndarray, kind: str, *, nprobe: int = defaults.IVF_NPROBE,
+                use_gpu: bool = False):
+    """A FAISS inner-product index over unit ``vectors`` with int64 ``ids``.
+
+    kind: 'flat' (exact), 'ivf' (IVF-Flat, sqrt(n) lists trained on at most 64 points per list:
+    training cost stays seconds at 1e6 vectors) or 'hnsw'. Small sets are always exact.
+    """
+    n, d = vectors.shape
+    if kind == "flat" or n < 64:
+        index = faiss.IndexIDMap2(faiss.IndexFlatIP(d))
+    elif kind == "ivf":
+        nlist = max(1, min(int(math.sqrt(n)), n // 39))
+        quantizer = faiss.IndexFlatIP(d)
+        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+        rng = np.random.default_rng(0)
+        m = min(n, nlist * 64)
+        index.train(vectors if m == n else vectors[rng.choice(n, m, replace=False)])
+        index.nprobe = min(nprobe, nlist)  # faiss' wrapper keeps `quantizer` referenced
+    elif kind == "hnsw":
+        index = faiss.IndexIDMap2(faiss.IndexHNSWFlat(d, defaults.HNSW_M, faiss.METRIC_INNER_PRODUCT))
+        faiss.downcast_index(index.index).hnsw.efSearch = defaults.HNSW_EF_SEARCH
+    else:
+        raise RagsegError(f"unknown index kind {kind!r}")
+    if n:
+        index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64))
+    if use_gpu and kind != "hnsw":
+        try:
+            index = faiss.index_cpu_to_all_gpus(index)
+        except Exception as e:  # a CPU index always works; say why the GPU one did not
+            logger.warning("faiss GPU index unavailable, using CPU: %s", e)
+    return index
+
+
 @dataclass
 class SliceRecord:
     """Metadata of one indexed slice."""
@@ -258,29 +291,9 @@ class SliceIndex:
 
     def _build_faiss(self):
         kind = self._effective_kind()
-        n, d = len(self._ids), self.dim
-        if kind == "flat" or n < 64:
-            index = faiss.IndexIDMap2(faiss.IndexFlatIP(d))
-        elif kind == "ivf":
-            nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))
-            quantizer = faiss.IndexFlatIP(d)
-            index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-            rng = np.random.default_rng(0)
-            train = self._vecs if n <= nlist * 256 else self._vecs[rng.choice(n, nlist * 256, replace=False)]
-            index.train(train)
-            index.nprobe = min(self.nprobe, nlist)  # faiss' wrapper keeps `quantizer` referenced
-        else:  # hnsw
-            index = faiss.IndexIDMap2(faiss.IndexHNSWFlat(d, defaults.HNSW_M, faiss.METRIC_INNER_PRODUCT))
-            faiss.downcast_index(index.index).hnsw.efSearch = defaults.HNSW_EF_SEARCH
-        if n:
-            index.add_with_ids(self._vecs, self._ids)
-        if self.use_gpu and kind != "hnsw":
-            try:
-                index = faiss.index_cpu_to_all_gpus(index)
-            except Exception as e:  # a CPU index always works; say why the GPU one did not
-                logger.warning("faiss GPU index unavailable, using CPU: %s", e)
-        self._faiss, self._faiss_kind = index, kind
-        return index
+        self._faiss = build_faiss(self._vecs, self._ids, kind, nprobe=self.nprobe, use_gpu=self.use_gpu)
+        self._faiss_kind = kind
+        return self._faiss
 
     def search(self, queries: np.ndarray, k: int, *, label: int | None = None,
                exclude: Iterable[tuple[str, int]] = (), exclude_images: Iterable[str] = ()) -> list[list[Hit]]:
