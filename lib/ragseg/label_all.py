@@ -39,26 +39,31 @@ class LabelAllReport:
                 f"in {self.seconds:.1f} s")
 
 
+def _plan(ids: list[str], final: set[str], original: set[str], redo: bool, limit: int | None
+          ) -> tuple[LabelAllReport, list[str]]:
+    """Split image ids into human-labeled (never touched), already done (skipped) and to do."""
+    rep = LabelAllReport()
+    todo = []
+    for iid in sorted(ids):
+        if iid in final:
+            rep.human.append(iid)
+        elif iid in original and not redo:
+            rep.skipped.append(iid)
+        else:
+            todo.append(iid)
+    return rep, todo[:limit] if limit is not None else todo
+
+
 def label_local(root: str | Path, segmenter_factory, *, redo: bool = False, limit: int | None = None,
                 progress: bool = True) -> LabelAllReport:
     """Label a local datastore folder. ``segmenter_factory()`` -> a Segmenter on its final labels."""
     root = Path(root)
     final, original = root / "labels" / "final", root / "labels" / "original"
-    images = sorted(p for p in root.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_EXTS))
+    images = {image_id_of(p): p for p in root.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_EXTS)}
     final_ids = {image_id_of(p) for p in final.iterdir()} if final.is_dir() else set()
     orig_ids = {image_id_of(p) for p in original.iterdir() if not p.name.startswith(".")} if original.is_dir() else set()
-    rep = LabelAllReport()
-    todo = []
-    for p in images:
-        iid = image_id_of(p)
-        if iid in final_ids:
-            rep.human.append(iid)
-        elif iid in orig_ids and not redo:
-            rep.skipped.append(iid)
-        else:
-            todo.append(p)
-    if limit is not None:
-        todo = todo[:limit]
+    rep, todo_ids = _plan(list(images), final_ids, orig_ids, redo, limit)
+    todo = [images[i] for i in todo_ids]
     t0 = time.time()
     seg = segmenter_factory() if todo else None
     for p in tqdm(todo, desc="labelling", unit="img", disable=not progress):
@@ -89,18 +94,9 @@ def label_server(url: str, *, model: str = "ragseg", redo: bool = False, limit: 
         raise RagsegError(f"cannot reach MONAI Label server at {url}: {e}") from e
     if model not in info.get("models", {}):
         raise RagsegError(f"server {url} has no model {model!r}; it has {', '.join(info.get('models', {}))}")
-    rep = LabelAllReport()
-    todo = []
-    for iid, obj in sorted(ds.get("objects", {}).items()):
-        labels = obj.get("labels", {})
-        if "final" in labels:
-            rep.human.append(iid)
-        elif "original" in labels and not redo:
-            rep.skipped.append(iid)
-        else:
-            todo.append(iid)
-    if limit is not None:
-        todo = todo[:limit]
+    objs = ds.get("objects", {})
+    rep, todo = _plan(list(objs), {i for i, o in objs.items() if "final" in o.get("labels", {})},
+                      {i for i, o in objs.items() if "original" in o.get("labels", {})}, redo, limit)
     t0 = time.time()
     req = dict(params or {}, label_tag="original", save_label=True)
     for iid in tqdm(todo, desc="labelling", unit="img", disable=not progress):

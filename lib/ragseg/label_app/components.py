@@ -44,27 +44,23 @@ class Components:
                            image_size=c.image_size, device=c.device, random_weights=c.random_weights_for_testing,
                            memory_cache=str(self.index_dir / "memories"))
 
-    def embedder(self) -> Embedder:
+    def _load(self, attr: str, key: str, loader, what: str):
+        """Build a model once; on failure record why (for /info) and raise ModelUnavailable."""
         with self._lock:
-            if self._embedder is None:
+            if getattr(self, attr) is None:
                 try:
-                    self._embedder = load_embedder(self.model_config())
-                    self.errors.pop("embedder", None)
+                    setattr(self, attr, loader(self.model_config()))
+                    self.errors.pop(key, None)
                 except RagsegError as e:
-                    self.errors["embedder"] = str(e)
-                    raise ModelUnavailable(f"retrieval embedder unavailable: {e}") from e
-            return self._embedder
+                    self.errors[key] = str(e)
+                    raise ModelUnavailable(f"{what}: {e}") from e
+            return getattr(self, attr)
+
+    def embedder(self) -> Embedder:
+        return self._load("_embedder", "embedder", load_embedder, "retrieval embedder unavailable")
 
     def engine(self) -> RagSam2Engine:
-        with self._lock:
-            if self._engine is None:
-                try:
-                    self._engine = load_engine(self.model_config())
-                    self.errors.pop("engine", None)
-                except RagsegError as e:
-                    self.errors["engine"] = str(e)
-                    raise ModelUnavailable(f"SAM 2 unavailable: {e}") from e
-            return self._engine
+        return self._load("_engine", "engine", load_engine, "SAM 2 unavailable")
 
     def index(self) -> SliceIndex:
         with self._lock:

@@ -33,21 +33,11 @@ def _bool(key: str, v: str) -> bool:
     raise ConfigError(f"--conf {key}: expected true/false, got {v!r}")
 
 
-def _int(key: str, v: str, lo: int, hi: int) -> int:
+def _number(key: str, v: str, lo: float, hi: float, typ: type = int):
     try:
-        x = int(v)
+        x = typ(v)
     except ValueError:
-        raise ConfigError(f"--conf {key}: expected an integer, got {v!r}") from None
-    if not lo <= x <= hi:
-        raise ConfigError(f"--conf {key}: must be between {lo} and {hi}, got {x}")
-    return x
-
-
-def _float(key: str, v: str, lo: float, hi: float) -> float:
-    try:
-        x = float(v)
-    except ValueError:
-        raise ConfigError(f"--conf {key}: expected a number, got {v!r}") from None
+        raise ConfigError(f"--conf {key}: expected {'an integer' if typ is int else 'a number'}, got {v!r}") from None
     if not lo <= x <= hi:
         raise ConfigError(f"--conf {key}: must be between {lo} and {hi}, got {x}")
     return x
@@ -118,11 +108,11 @@ class AppConfig:
             elif key == "pooling":
                 val = _choice(key, v, ("cls", "mean"))
             elif key == "image_size":
-                val = _int(key, v, 64, 2048)
+                val = _number(key, v, 64, 2048)
                 if val % 32:
                     raise ConfigError(f"--conf image_size: must be a multiple of 32, got {val}")
             elif key == "k":
-                val = _int(key, v, 1, defaults.MAX_K)
+                val = _number(key, v, 1, defaults.MAX_K)
             elif key == "axis":
                 val = _choice(key, v, ("axial", "coronal", "sagittal"))
             elif key == "modality":
@@ -136,7 +126,7 @@ class AppConfig:
             elif key == "labels":
                 val = _labels(key, v)
             elif key == "reconcile_interval":
-                val = _float(key, v, 0.5, 3600.0)
+                val = _number(key, v, 0.5, 3600.0, float)
             elif key in ("same_image_supports", "propagate", "precompute_memories", "random_weights_for_testing"):
                 val = _bool(key, v)
             else:  # free strings: paths, names
