@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 
 from fastapi import HTTPException
@@ -19,6 +20,8 @@ from .dicomweb import is_dicomweb
 from .reindex import Reindexer
 
 logger = logging.getLogger(__name__)
+
+NAMES_TTL_S = 5.0
 
 
 class Services:
@@ -33,6 +36,7 @@ class Services:
         self.datastore = None
         self.reindexer: Reindexer | None = None
         self._started = False
+        self._names_cache: tuple[float, dict[str, int]] | None = None
 
     def is_local(self) -> bool:
         return not self.studies.startswith(("http://", "https://"))
@@ -67,7 +71,19 @@ class Services:
 
     # -- label names -----------------------------------------------------------------------------
     def label_names(self) -> dict[str, int]:
-        """--conf labels, plus names clients stored with saved labels (label_info), plus the pool."""
+        """--conf labels, plus names clients stored with saved labels (label_info), plus the pool.
+
+        Cached for a few seconds: /info calls this, and on a DICOMweb datastore listing labels is a
+        PACS query.
+        """
+        now = time.monotonic()
+        if self._names_cache and now - self._names_cache[0] < NAMES_TTL_S:
+            return dict(self._names_cache[1])
+        names = self._label_names()
+        self._names_cache = (now, names)
+        return dict(names)
+
+    def _label_names(self) -> dict[str, int]:
         names = dict(self.cfg.labels)
         ds = self.datastore
         if ds is not None:
