@@ -59,3 +59,33 @@ def test_channels_last_and_batching_agree(lite, rng):
     b = LiteMedSAM(plain, channels_last=False).encode(x, batch=2)
     assert a.shape == (2, 256, 64, 64)
     assert (a - b).abs().max().item() < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED / "ct.nii.gz").exists(), reason="../shared/data/totalseg-examples is absent")
+def test_prototype_prompt_intra_volume_liver(lite):
+    """Training-free mode: 3 labeled liver slices -> prototype box prompt on other slices of the same CT."""
+    import torch
+
+    from ragseg.litemedsam import prototype_box
+    from ragseg.pipeline import Preprocess
+    from ragseg.volume import load_image, load_label
+
+    img = load_image(SHARED / "ct.nii.gz")
+    lab = load_label(SHARED / "ct_labels.nii.gz", like=img)
+    pre = Preprocess(modality="CT", ct_window="abdomen")
+    sl, m = pre.slices(img), pre.label_slices(lab) == 5
+    zs = np.nonzero(m.any((1, 2)))[0]
+    sup = zs[np.linspace(0, len(zs) - 1, 3).round().astype(int)]
+    queries = [z for z in zs if z not in sup][::4]
+    emb = lite.encode(sl[list(sup) + queries])
+    se, qe = emb[:3], emb[3:]
+    dice = []
+    for i, z in enumerate(queries):
+        r = prototype_box(qe[i], se, torch.from_numpy(m[sup]))
+        assert r is not None
+        up = torch.nn.functional.interpolate(lite.decode_boxes(qe[i:i + 1], r[0][None]), size=m.shape[1:],
+                                             mode="bilinear")[0, 0] > 0
+        dice.append(_dice(up.numpy(), m[z]))
+    print("liver prototype-prompt Dice:", [round(d, 3) for d in dice])
+    assert np.mean(dice) > 0.7, dice

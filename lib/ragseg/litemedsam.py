@@ -102,3 +102,39 @@ def bounding_box(mask: np.ndarray) -> tuple[int, int, int, int]:
     """(row0, col0, row1, col1) of a non-empty 2D mask."""
     rows, cols = np.nonzero(mask)
     return int(rows.min()), int(cols.min()), int(rows.max()), int(cols.max())
+
+
+def prototype_box(query_emb: torch.Tensor, support_embs: torch.Tensor, support_masks: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Training-free prompt from supports: foreground/background prototypes -> coarse mask -> box.
+
+    Prototypes are the mean support embeddings under the (downsampled) support masks and outside
+    them; a query position is foreground when it is closer (cosine) to the foreground prototype.
+    The largest connected foreground region gives the box. Returns (box in the 256 frame,
+    coarse mask [64, 64]) or None when nothing on the query looks like the foreground.
+
+    Args:
+        query_emb: [C, 64, 64]; support_embs: [k, C, 64, 64]; support_masks: [k, H, W] bool.
+    """
+    from scipy import ndimage
+
+    m = F.interpolate(support_masks[:, None].float(), size=(EMBED_SIZE, EMBED_SIZE), mode="area")[:, 0]
+    e = F.normalize(support_embs.float(), dim=1)
+    fg_w, bg_w = m, 1.0 - m
+    if fg_w.sum() <= 0:
+        return None
+    fg = F.normalize((e * fg_w[:, None]).sum((0, 2, 3)) / fg_w.sum(), dim=0)
+    bg = F.normalize((e * bg_w[:, None]).sum((0, 2, 3)) / bg_w.sum().clamp_min(1e-6), dim=0)
+    q = F.normalize(query_emb.float(), dim=0)
+    sim_fg = torch.einsum("chw,c->hw", q, fg)
+    sim_bg = torch.einsum("chw,c->hw", q, bg)
+    coarse = (sim_fg > sim_bg).cpu().numpy()
+    lab, n = ndimage.label(coarse)
+    if n == 0:
+        return None
+    sizes = ndimage.sum(coarse, lab, range(1, n + 1))
+    region = lab == (int(np.argmax(sizes)) + 1)
+    rows, cols = np.nonzero(region)
+    s = IMAGE_SIZE / EMBED_SIZE
+    box = torch.tensor([cols.min() * s, rows.min() * s, (cols.max() + 1) * s - 1, (rows.max() + 1) * s - 1])
+    return box, torch.from_numpy(region)
