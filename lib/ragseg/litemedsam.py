@@ -104,8 +104,8 @@ def bounding_box(mask: np.ndarray) -> tuple[int, int, int, int]:
     return int(rows.min()), int(cols.min()), int(rows.max()), int(cols.max())
 
 
-def prototype_box(query_emb: torch.Tensor, support_embs: torch.Tensor, support_masks: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
+def prototype_box(query_emb: torch.Tensor, support_embs: torch.Tensor, support_masks: torch.Tensor,
+                  location_prior: int | None = 2) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Training-free prompt from supports: foreground/background prototypes -> coarse mask -> box.
 
     Prototypes are the mean support embeddings under the (downsampled) support masks and outside
@@ -115,6 +115,11 @@ def prototype_box(query_emb: torch.Tensor, support_embs: torch.Tensor, support_m
 
     Args:
         query_emb: [C, 64, 64]; support_embs: [k, C, 64, 64]; support_masks: [k, H, W] bool.
+        location_prior: keep only query positions within this many embedding pixels (4 image
+            pixels each at 256) of where the supports' structure lies; None to disable (supports
+            from other subjects in another position). Measured intra-volume on the shared CT, 3
+            labeled slices: spleen Dice 0.010 -> 0.898, right kidney 0.342 -> 0.779, left 0.174 ->
+            0.677, liver 0.864 -> 0.877 with 2 (vs none); 4 and 8 were no better.
     """
     from scipy import ndimage
 
@@ -129,6 +134,11 @@ def prototype_box(query_emb: torch.Tensor, support_embs: torch.Tensor, support_m
     sim_fg = torch.einsum("chw,c->hw", q, fg)
     sim_bg = torch.einsum("chw,c->hw", q, bg)
     coarse = (sim_fg > sim_bg).cpu().numpy()
+    if location_prior is not None:
+        prior = (m > 0).any(0).cpu().numpy()
+        if location_prior > 0:
+            prior = ndimage.binary_dilation(prior, iterations=location_prior)
+        coarse &= prior
     lab, n = ndimage.label(coarse)
     if n == 0:
         return None
