@@ -67,7 +67,7 @@ def test_prototype_prompt_intra_volume(lite):
     """Training-free mode: 3 labeled slices per organ -> prototype box prompt on other slices of the same CT."""
     import torch
 
-    from ragseg.litemedsam import prototype_box
+    from ragseg.prototypes import prototype_box
     from ragseg.pipeline import Preprocess
     from ragseg.volume import load_image, load_label
 

@@ -12,6 +12,8 @@ import logging
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from . import __version__, defaults
 from .errors import RagsegError
 
@@ -20,6 +22,16 @@ logger = logging.getLogger("ragseg")
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("models")
+    g.add_argument("--backend", choices=("auto", "rag-sam2", "litemedsam"), default="auto",
+                   help="auto: rag-sam2 when the SAM 2.1 checkpoint is on disk, else litemedsam (default)")
+    g.add_argument("--retrieval", choices=("auto", "dinov2", "litemedsam"), default="auto",
+                   help="retrieval embedding; auto: DINOv2 when its weights load, else LiteMedSAM's (default)")
+    g.add_argument("--decoder", default=None, help="fine-tuned prototype decoder folder (litemedsam backend)")
+    g.add_argument("--location-prior", type=int, default=defaults.LOCATION_PRIOR,
+                   help="litemedsam: grid cells (4 px at 256) a region may lie from the supports' structure; "
+                        "-1 disables (default: %(default)s)")
+    g.add_argument("--max-regions", type=int, default=defaults.MAX_REGIONS,
+                   help="litemedsam: box prompts per label and slice (more for lesions; default: %(default)s)")
     g.add_argument("--sam2", default="sam2.1-hiera-tiny",
                    help="SAM 2.1 registry name or path to an official .pt (default: %(default)s)")
     g.add_argument("--dinov2", default="dinov2-small",
@@ -43,7 +55,9 @@ def _model_config(a: argparse.Namespace):
     if a.random_weights_for_testing:
         print("WARNING: --random-weights-for-testing: models have RANDOM weights; output is meaningless",
               file=sys.stderr)
-    return ModelConfig(sam2=a.sam2, dinov2=a.dinov2, pooling=a.pooling, image_size=a.image_size,
+    return ModelConfig(backend=a.backend, retrieval=a.retrieval, decoder=a.decoder,
+                       location_prior=None if a.location_prior < 0 else a.location_prior,
+                       max_regions=a.max_regions, sam2=a.sam2, dinov2=a.dinov2, pooling=a.pooling, image_size=a.image_size,
                        device=a.device, memory_cache=a.memory_cache, random_weights=a.random_weights_for_testing,
                        sam2_variant=a.sam2_variant)
 
@@ -75,13 +89,13 @@ def cmd_weights(a: argparse.Namespace) -> int:
 
 # -- index -----------------------------------------------------------------------------------------
 def cmd_index_build(a: argparse.Namespace) -> int:
-    from .factory import load_embedder
+    from .factory import ModelSet
     from .pipeline import discover_pairs, open_index, sync_index
 
     items = discover_pairs(a.images, a.labels)
     if not items:
         raise RagsegError(f"no image in {a.images} has a label of the same name in {a.labels}")
-    emb = load_embedder(_model_config(a))
+    emb = ModelSet(_model_config(a)).embedder()
     index = open_index(a.index, emb, _preprocess(a), kind=a.kind)
     rep = sync_index(index, emb, _preprocess(a), items, remove_missing=not a.keep_missing, progress=True)
     print(f"index {a.index}: {len(index)} slices from {len(index.images())} images ({rep})")
@@ -113,7 +127,7 @@ def _supports_index(a: argparse.Namespace, emb, pre):
 
 
 def cmd_segment(a: argparse.Namespace) -> int:
-    from .factory import load_embedder, load_engine
+    from .factory import ModelSet
     from .pipeline import Segmenter
     from .volume import image_id_of, load_image, save_label
 
@@ -121,8 +135,10 @@ def cmd_segment(a: argparse.Namespace) -> int:
     pre = _preprocess(a)
     img = load_image(a.image)  # fail fast on a bad input, before loading models
     out = Path(a.output) if a.output else Path(a.image).with_name(f"{image_id_of(a.image)}_seg.nii.gz")
-    emb = load_embedder(cfg)
-    eng = load_engine(cfg)
+    models = ModelSet(cfg)
+    logger.info("backend %s (%s)", models.backend, models.backend_reason)
+    emb = models.embedder()
+    eng = models.engine()
     index = _supports_index(a, emb, pre)
     if len(index) == 0:
         raise RagsegError(f"{a.supports}: no labeled slice to use as support")
@@ -164,6 +180,71 @@ def cmd_label_all(a: argparse.Namespace) -> int:
     for k, v in rep.failed.items():
         print(f"  failed {k}: {v}", file=sys.stderr)
     return 1 if rep.failed else 0
+
+
+def _classes(spec: str) -> dict[str, int]:
+    out = {}
+    for part in spec.split(","):
+        if not part.strip():
+            continue
+        name, _, val = part.partition("=")
+        if not val.strip().isdigit():
+            raise RagsegError(f"--classes: expected name=value pairs like liver=5, got {part!r}")
+        out[name.strip()] = int(val)
+    return out
+
+
+def _ints(flag: str, spec: str) -> list[int]:
+    try:
+        return [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise RagsegError(f"{flag}: expected comma-separated integers, got {spec!r}") from None
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    import shlex
+
+    from .evaluate import EvalConfig, run_evaluation
+
+    cfg = EvalConfig(images=a.images, labels=a.labels, out=a.out, classes=_classes(a.classes), mode=a.mode,
+                     n_support=a.n_support, ks=_ints("--k", a.k), seeds=_ints("--seeds", a.seeds),
+                     methods=[m.strip() for m in a.methods.split(",") if m.strip()], modality=a.modality,
+                     ct_window=a.ct_window, axis=a.axis, backend=a.backend, retrieval=a.retrieval,
+                     location_prior=None if a.location_prior < 0 else a.location_prior, max_regions=a.max_regions,
+                     finetune_epochs=a.finetune_epochs, unet_iters=a.unet_iters,
+                     save_predictions=a.save_predictions, figures=not a.no_figures, image_suffix=a.image_suffix,
+                     label_suffix=a.label_suffix, subjects=[x for x in a.subjects.split(",") if x])
+    summ = run_evaluation(cfg, command="ragseg " + " ".join(shlex.quote(x) for x in sys.argv[1:]))
+    print((Path(a.out) / "summary.md").read_text())
+    print(f"wrote {a.out}/results.csv, summary.md, cases.json" + (", dice_by_k.png" if cfg.figures else ""))
+    return 0 if summ else 1
+
+
+def cmd_finetune(a: argparse.Namespace) -> int:
+    from .factory import ModelSet
+    from .fewshot import LiteMedSamAdapter, Sam2Adapter
+    from .pipeline import discover_pairs
+    from .training import train_decoder
+
+    cfg = _model_config(a)
+    items = discover_pairs(a.images, a.labels, image_suffix=a.image_suffix, label_suffix=a.label_suffix)
+    if not items:
+        raise RagsegError(f"no image in {a.images} has a label of the same name in {a.labels or a.images}")
+    models = ModelSet(cfg)
+    if a.backbone == "sam2":
+        from .factory import load_engine
+
+        adapter = Sam2Adapter(load_engine(cfg))
+    else:
+        adapter = LiteMedSamAdapter(models.lite())
+    res = train_decoder(items, adapter, _preprocess(a), a.out, labels=_ints("--classes", a.classes) or None,
+                        epochs=a.epochs, lr=a.lr, k=a.k, use_box=not a.no_box, seed=a.seed, progress=True)
+    per_epoch = np.mean([h["seconds"] for h in res.history])
+    print(json.dumps({"output": a.out, "epochs": len(res.history), "best_epoch": res.best_epoch,
+                      "best_metric": round(res.best_metric, 4), "first_loss": round(res.history[0]["loss"], 4),
+                      "last_loss": round(res.history[-1]["loss"], 4), "encode_s": round(res.encode_s, 2),
+                      "epoch_s": round(float(per_epoch), 3)}))
+    return 0
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
@@ -236,6 +317,43 @@ def build_parser() -> argparse.ArgumentParser:
                     help="server mode: one POST /batch/infer/<model> (server-side subprocess) instead of per-image calls")
     _model_args(la)
     la.set_defaults(func=cmd_label_all)
+
+    ev = sub.add_parser("evaluate", help="few-shot evaluation (Dice, HD95) against baselines; CSV, table, figures")
+    ev.add_argument("images", help="image folder")
+    ev.add_argument("labels", nargs="?", default=None, help="label folder (default: the image folder)")
+    ev.add_argument("--image-suffix", default="", help="image ids end with this (removed to pair), e.g. _flair")
+    ev.add_argument("--label-suffix", default="", help="label ids end with this (removed to pair), e.g. _labels")
+    ev.add_argument("--subjects", default="", help="only these subject ids, comma-separated")
+    ev.add_argument("--classes", required=True, help="name=value pairs to evaluate, e.g. liver=5,spleen=1")
+    ev.add_argument("--out", required=True, help="output folder")
+    ev.add_argument("--mode", choices=("intra", "loso"), default="intra",
+                    help="intra: n labeled slices per class of each volume; loso: leave one subject out")
+    ev.add_argument("--n-support", type=int, default=3, help="labeled slices per class (intra) or subjects (loso)")
+    ev.add_argument("--k", default="1,3", help="supports per query slice, comma-separated (default: %(default)s)")
+    ev.add_argument("--seeds", default="0", help="comma-separated seeds (default: %(default)s)")
+    ev.add_argument("--methods", default="retrieved,random,finetuned,gt-box,unet", help="default: %(default)s")
+    ev.add_argument("--finetune-epochs", type=int, default=defaults.FINETUNE_EPOCHS)
+    ev.add_argument("--unet-iters", type=int, default=400)
+    ev.add_argument("--save-predictions", action="store_true", help="also write predictions/ and overlay PNGs")
+    ev.add_argument("--no-figures", action="store_true")
+    _model_args(ev)
+    ev.set_defaults(func=cmd_evaluate)
+
+    ft = sub.add_parser("finetune", help="fine-tune a prototype-prompted mask decoder on labeled slices")
+    ft.add_argument("images", help="image folder")
+    ft.add_argument("labels", nargs="?", default=None, help="label folder (default: the image folder)")
+    ft.add_argument("--image-suffix", default="")
+    ft.add_argument("--label-suffix", default="")
+    ft.add_argument("--out", required=True, help="decoder folder to write (decoder.pt + manifest.json)")
+    ft.add_argument("--backbone", choices=("litemedsam", "sam2"), default="litemedsam")
+    ft.add_argument("--classes", default="", help="label values to train (default: all present)")
+    ft.add_argument("--epochs", type=int, default=defaults.FINETUNE_EPOCHS)
+    ft.add_argument("--lr", type=float, default=defaults.FINETUNE_LR)
+    ft.add_argument("--k", type=int, default=defaults.DEFAULT_K, help="supports per training episode")
+    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--no-box", action="store_true", help="prototype tokens only (no coarse-region box)")
+    _model_args(ft)
+    ft.set_defaults(func=cmd_finetune)
 
     be = sub.add_parser("bench", help="benchmarks (random weights; prints tables, --json writes them)")
     be.add_argument("section", nargs="?", default="all", choices=("all", "volume", "retrieval", "index"),

@@ -49,3 +49,15 @@ LOCK_TIMEOUT_S = 120.0
 # --- caches ----------------------------------------------------------------------------------
 MEMORY_CACHE_ITEMS = 512  # support memories kept in RAM (about 130 KB each at 512 px)
 FEATURE_CACHE_BYTES = 1 << 30  # query-slice encoder features kept across requests (~4 MB/slice at 512)
+
+# --- LiteMedSAM backend and prototype prompts ------------------------------------------------------
+LOCATION_PRIOR = 2  # embedding cells a query region may lie from the supports' structure (None: off)
+MAX_REGIONS = 1  # coarse regions prompted per label and slice (one box each); more for lesions
+LITEMEDSAM_POOL = 4  # retrieval embedding = LiteMedSAM embedding average-pooled to this grid
+LITEMEDSAM_ENCODE_BATCH = 1  # TinyViT on CPU is fastest per slice at batch 1 (measured, #4)
+
+# --- few-shot decoder fine-tuning ------------------------------------------------------------------
+FINETUNE_EPOCHS = 40
+FINETUNE_LR = 1e-4
+FINETUNE_BATCH = 8
+FINETUNE_BOX_JITTER = 0.1  # training boxes moved by up to this fraction of their size

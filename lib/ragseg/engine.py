@@ -19,6 +19,7 @@ query costs one image-encoder pass plus memory attention and decoding.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tempfile
@@ -97,8 +98,10 @@ class SupportMemoryCache:
     and concurrent writers of the same key write identical content.
     """
 
-    def __init__(self, directory: str | os.PathLike | None = None, max_items: int = defaults.MEMORY_CACHE_ITEMS):
+    def __init__(self, directory: str | os.PathLike | None = None, max_items: int = defaults.MEMORY_CACHE_ITEMS,
+                 item_type: type = SupportMemory):
         self.directory = Path(directory) if directory else None
+        self.item_type = item_type  # a dataclass whose fields are all tensors
         self.max_items = max_items
         self._ram: OrderedDict[str, SupportMemory] = OrderedDict()
         self._lock = threading.Lock()
@@ -108,7 +111,7 @@ class SupportMemoryCache:
         assert self.directory is not None
         return self.directory / key[:2] / f"{key}.pt"
 
-    def get(self, key: str) -> SupportMemory | None:
+    def get(self, key: str):
         with self._lock:
             mem = self._ram.get(key)
             if mem is not None:
@@ -120,7 +123,7 @@ class SupportMemoryCache:
             if p.exists():
                 try:
                     d = torch.load(p, map_location="cpu", weights_only=True)
-                    mem = SupportMemory(d["maskmem_features"], d["obj_ptr"])
+                    mem = self.item_type(**d)
                 except Exception as e:  # a corrupt entry is recomputed, never fatal
                     logger.warning("dropping unreadable support-memory cache file %s: %s", p, e)
                     p.unlink(missing_ok=True)
@@ -142,7 +145,8 @@ class SupportMemoryCache:
                 self._ram.popitem(last=False)
 
     def put(self, key: str, mem: SupportMemory) -> None:
-        mem = SupportMemory(mem.maskmem_features.detach().cpu(), mem.obj_ptr.detach().cpu())
+        tensors = {f.name: getattr(mem, f.name).detach().cpu() for f in dataclasses.fields(mem)}
+        mem = self.item_type(**tensors)
         self._put_ram(key, mem)
         if self.directory is None:
             return
@@ -151,7 +155,7 @@ class SupportMemoryCache:
         fd, tmp = tempfile.mkstemp(dir=str(p.parent), prefix=f".{key[:8]}.")
         os.close(fd)
         try:
-            torch.save({"maskmem_features": mem.maskmem_features, "obj_ptr": mem.obj_ptr}, tmp)
+            torch.save(tensors, tmp)
             os.replace(tmp, p)
         finally:
             if os.path.exists(tmp):
@@ -387,6 +391,68 @@ class RagSam2Engine:
                 "obj_ptr": torch.cat([mem[j].obj_ptr for mem in memories], 0).to(self.device),
             }
         return out
+
+    def warm_supports(self, supports: Sequence[Support]) -> int:
+        """Compute and cache the memories of ``supports`` (after a label is indexed); returns the count."""
+        for s in range(0, len(supports), self.encode_batch):
+            self.support_memories(supports[s:s + self.encode_batch])
+        return len(supports)
+
+    @torch.inference_mode()
+    def segment_queries(self, queries: np.ndarray, supports: Sequence[Sequence[Sequence[Support]]], *,
+                        timings: dict[str, float] | None = None, progress: bool = False) -> torch.Tensor:
+        """The engine interface the pipeline calls: logits for every (query slice, label).
+
+        Args:
+            queries: [n, H, W] slices in [0, 1].
+            supports: ``supports[l][i]``: supports of label l for query i, most similar last (an
+                empty list: nothing to condition on, the label stays absent on that slice).
+            timings: seconds added under 'supports', 'encode', 'decode', 'write'.
+
+        Returns:
+            float16 logits [n, L, H, W] (-1024 where a label had no support).
+        """
+        import time
+
+        from tqdm import tqdm
+
+        from .volume import resize_logits
+
+        tm = timings if timings is not None else {}
+        n, H, W = queries.shape
+        L = len(supports)
+        distinct: dict[str, Support] = {}
+        for per_query in supports:
+            for sups in per_query:
+                for s in sups:
+                    distinct.setdefault(s.key, s)
+        t = time.perf_counter()
+        mems = dict(zip(distinct, self.support_memories(list(distinct.values()))))
+        tm["supports"] = tm.get("supports", 0.0) + time.perf_counter() - t
+        # float16 halves the volume-sized buffer; -1024 and the 0 threshold are exact in it
+        logits = torch.full((n, L, H, W), -1024.0, dtype=torch.float16)
+        for s in tqdm(range(0, n, self.encode_batch), desc="segmenting", disable=not progress, unit="batch"):
+            chunk = list(range(s, min(n, s + self.encode_batch)))
+            t = time.perf_counter()
+            feats = self.encode_images_cached(self.prepare_images(queries[chunk]))
+            tm["encode"] = tm.get("encode", 0.0) + time.perf_counter() - t
+            groups: dict[int, list[tuple[int, int]]] = {}  # same number of supports -> one batch
+            for ci, qi in enumerate(chunk):
+                for li in range(L):
+                    if supports[li][qi]:
+                        groups.setdefault(len(supports[li][qi]), []).append((ci, li))
+            for items in groups.values():
+                f = feats.select([ci for ci, _ in items])
+                mem_lists = [[mems[x.key] for x in supports[li][chunk[ci]]] for ci, li in items]
+                t = time.perf_counter()
+                low, _ = self.segment(f, mem_lists)
+                tm["decode"] = tm.get("decode", 0.0) + time.perf_counter() - t
+                t = time.perf_counter()
+                up = resize_logits(low, (H, W))[:, 0].cpu()
+                for j, (ci, li) in enumerate(items):
+                    logits[chunk[ci], li] = up[j]
+                tm["write"] = tm.get("write", 0.0) + time.perf_counter() - t
+        return logits
 
     @torch.inference_mode()
     def segment(self, query_feats: ImageFeatures, memories: Sequence[Sequence[SupportMemory]], *,

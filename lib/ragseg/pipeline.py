@@ -15,6 +15,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ from tqdm import tqdm
 
 from . import defaults
 from .embedders import Embedder
-from .engine import RagSam2Engine, Support
+from .engine import Support
 from .errors import InputError, RagsegError
 from .index import SliceIndex, SliceRecord
 from .volume import (
@@ -79,19 +80,39 @@ class LabeledVolume:
     label_path: str
 
 
-def discover_pairs(images: str | Path, labels: str | Path) -> list[LabeledVolume]:
-    """Images in ``images`` that have a label file of the same id in ``labels``."""
-    images, labels = Path(images), Path(labels)
+def discover_pairs(images: str | Path, labels: str | Path | None = None, *, image_suffix: str = "",
+                   label_suffix: str = "") -> list[LabeledVolume]:
+    """Images that have a label of the same id.
+
+    By default ids are file names without extension, in two folders (MONAI Label's layout).
+    With suffixes, ids are names with the suffix removed, and both may share one folder:
+    ``patient07_flair.nii.gz`` + ``patient07_lesions.nii.gz`` pair with ``image_suffix='_flair'``,
+    ``label_suffix='_lesions'`` (``ct.nii.gz`` + ``ct_labels.nii.gz``: ``label_suffix='_labels'``).
+    """
+    images = Path(images)
+    labels = Path(labels) if labels is not None else images
     if not images.is_dir():
         raise InputError(images, "image folder does not exist")
     if not labels.is_dir():
         raise InputError(labels, "label folder does not exist")
-    lab_by_id = {image_id_of(p): p for p in labels.iterdir()
-                 if p.is_file() and p.name.lower().endswith(IMAGE_EXTS)}
+
+    def files(d: Path) -> list[Path]:
+        return sorted(p for p in d.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_EXTS))
+
+    lab_by_id = {}
+    for p in files(labels):
+        i = image_id_of(p)
+        if label_suffix and not i.endswith(label_suffix):
+            continue
+        lab_by_id[i[:len(i) - len(label_suffix)]] = p
     out = []
-    for p in sorted(images.iterdir()):
-        if p.is_file() and p.name.lower().endswith(IMAGE_EXTS) and image_id_of(p) in lab_by_id:
-            out.append(LabeledVolume(image_id_of(p), str(p), str(lab_by_id[image_id_of(p)])))
+    for p in files(images):
+        i = image_id_of(p)
+        if (label_suffix and i.endswith(label_suffix)) or (image_suffix and not i.endswith(image_suffix)):
+            continue
+        key = i[:len(i) - len(image_suffix)]
+        if key in lab_by_id and lab_by_id[key] != p:
+            out.append(LabeledVolume(key, str(p), str(lab_by_id[key])))
     return out
 
 
@@ -168,6 +189,21 @@ def sync_index(index: SliceIndex, embedder: Embedder, pre: Preprocess, items: Se
     return rep
 
 
+class SegmentationEngine(Protocol):
+    """What :class:`Segmenter` needs from a backend (RAG-SAM 2, LiteMedSAM)."""
+
+    model_id: str
+
+    def segment_queries(self, queries: np.ndarray, supports: Sequence[Sequence[Sequence[Support]]], *,
+                        timings: dict[str, float] | None = None, progress: bool = False) -> torch.Tensor:
+        """[n, H, W] query slices, ``supports[l][i]`` (most similar last) -> float16 logits [n, L, H, W]."""
+        ...
+
+    def warm_supports(self, supports: Sequence[Support]) -> int:
+        """Pre-compute what the engine caches per support (memories, embeddings)."""
+        ...
+
+
 def _rkey(hit, label: int) -> tuple[str, int, int]:
     return (hit.record.image_id, hit.record.slice_index, label)
 
@@ -232,7 +268,8 @@ class Segmenter:
     """Segments volumes from the labeled pool in ``index``.
 
     Args:
-        engine: the RAG-SAM 2 engine.
+        engine: the backend (:class:`ragseg.engine.RagSam2Engine` or
+            :class:`ragseg.litemedsam.LiteMedSamEngine`).
         embedder: the embedder the index was built with.
         index: the labeled-slice index.
         pre: slicing and normalisation (must match the index's).
@@ -243,7 +280,7 @@ class Segmenter:
             :meth:`RagSam2Engine.propagate`).
     """
 
-    def __init__(self, engine: RagSam2Engine, embedder: Embedder, index: SliceIndex, pre: Preprocess, *,
+    def __init__(self, engine: SegmentationEngine, embedder: Embedder, index: SliceIndex, pre: Preprocess, *,
                  k: int = defaults.DEFAULT_K, allow_same_image: bool = True, propagate: bool = False):
         if not 1 <= k <= defaults.MAX_K:
             raise RagsegError(f"k must be between 1 and {defaults.MAX_K}, got {k}")
@@ -318,62 +355,40 @@ class Segmenter:
         if not active:
             return res
 
-        # every distinct support memory, computed (or read from cache) once for the volume
-        sup_objs: dict[tuple[int, int], Support] = {}
-        for v in active:
-            for hits in per_label[v]:
-                for h in hits:
-                    rid = _rkey(h, v)
-                    if rid not in sup_objs:
-                        sup_objs[rid] = self.store.support(h.record, v)
-        order = list(sup_objs)
-        t = time.perf_counter()
-        mems = dict(zip(order, self.engine.support_memories([sup_objs[r] for r in order])))
-        tm["supports"] = time.perf_counter() - t
+        # Support objects per label and query slice (one per distinct (slice, label): the engine
+        # computes or reads each support's memory/embedding once for the volume)
+        sup_objs: dict[tuple[str, int, int], Support] = {}
 
-        n_sel, L = len(sel), len(active)
-        # float16 halves the volume-sized buffer; -1024 and the 0 threshold are exact in it
-        logits = torch.full((n_sel, L, H, W), -1024.0, dtype=torch.float16)
+        def support(h, v: int) -> Support:
+            rid = _rkey(h, v)
+            if rid not in sup_objs:
+                sup_objs[rid] = self.store.support(h.record, v)
+            return sup_objs[rid]
+
+        sups = [[[support(h, v) for h in hits] for hits in per_label[v]] for v in active]
         if self.propagate:
             t = time.perf_counter()
-            logits = self._propagate(q, active, per_label, mems, (H, W))
-            tm["decode"] = time.perf_counter() - t
+            logits = self._propagate(q, [s[0] for s in sups], (H, W), tm)
+            tm["decode"] = time.perf_counter() - t - tm["supports"]
         else:
-            eb = self.engine.encode_batch
-            for s in tqdm(range(0, n_sel, eb), desc="segmenting", disable=not progress, unit="batch"):
-                chunk = list(range(s, min(n_sel, s + eb)))
-                t = time.perf_counter()
-                feats = self.engine.encode_images_cached(self.engine.prepare_images(q[chunk]))
-                tm["encode"] += time.perf_counter() - t
-                groups: dict[int, list[tuple[int, int]]] = {}
-                for ci, qi in enumerate(chunk):
-                    for li, v in enumerate(active):
-                        hits = per_label[v][qi]
-                        if hits:
-                            groups.setdefault(len(hits), []).append((ci, li))
-                for _, items in groups.items():
-                    f = feats.select([ci for ci, _ in items])
-                    mem_lists = [[mems[_rkey(h, active[li])] for h in per_label[active[li]][chunk[ci]]]
-                                 for ci, li in items]
-                    t = time.perf_counter()
-                    low, _ = self.engine.segment(f, mem_lists)
-                    tm["decode"] += time.perf_counter() - t
-                    t = time.perf_counter()
-                    up = resize_logits(low, (H, W))[:, 0].cpu()
-                    for j, (ci, li) in enumerate(items):
-                        logits[chunk[ci], li] = up[j]
-                    tm["write"] += time.perf_counter() - t
+            logits = self.engine.segment_queries(q, sups, timings=tm, progress=progress)
         t = time.perf_counter()
         self._write_result(res, vol, logits, active, sel, n_total, return_probabilities)
         tm["write"] += time.perf_counter() - t
         return res
 
-    def _propagate(self, q: np.ndarray, active: list[int], per_label: dict, mems: dict,
-                   hw: tuple[int, int]) -> torch.Tensor:
+    def _propagate(self, q: np.ndarray, sups: list[list[Support]], hw: tuple[int, int],
+                   tm: dict[str, float]) -> torch.Tensor:
+        """3D mode (RAG-SAM 2 only): each label's supports for the first slice condition the whole run."""
+        if not hasattr(self.engine, "propagate"):
+            raise RagsegError(f"propagate is not supported by the {type(self.engine).__name__} backend")
+        t = time.perf_counter()
+        mem_lists_all = [self.engine.support_memories(s) for s in sups]
+        tm["supports"] = time.perf_counter() - t
         groups: dict[int, list[int]] = {}
-        for li, v in enumerate(active):
-            groups.setdefault(len(per_label[v][0]), []).append(li)
-        out = torch.full((len(q), len(active), *hw), -1024.0, dtype=torch.float16)
+        for li, s in enumerate(sups):
+            groups.setdefault(len(s), []).append(li)
+        out = torch.full((len(q), len(sups), *hw), -1024.0, dtype=torch.float16)
         cache: dict[int, object] = {}
 
         def feats(j: int):
@@ -387,8 +402,7 @@ class Segmenter:
             return cache[j]
 
         for _, lis in groups.items():
-            mem_lists = [[mems[_rkey(h, active[li])] for h in per_label[active[li]][0]] for li in lis]
-            low = self.engine.propagate(feats, len(q), mem_lists)  # [n, objs, h, w]
+            low = self.engine.propagate(feats, len(q), [mem_lists_all[li] for li in lis])  # [n, objs, h, w]
             for j in range(len(q)):
                 out[j, lis] = resize_logits(low[j][None], hw)[0].cpu().to(out.dtype)
         return out

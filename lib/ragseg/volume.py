@@ -284,6 +284,16 @@ def file_axis_for(affine: np.ndarray, axis: int | str) -> tuple[int, bool]:
     return i, bool(ornt[i, 1] < 0)
 
 
+def slice_spacing(affine: np.ndarray, axis: int | str = defaults.DEFAULT_AXIS) -> tuple[float, float, float]:
+    """Voxel spacing (mm) of the [n, H, W] array :func:`canonical_slices` returns."""
+    ax = resolve_axis(axis)
+    zooms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(0))
+    ornt = _ornt(affine)
+    canon = [float(zooms[int(np.nonzero(ornt[:, 0] == c)[0][0])]) for c in range(3)]
+    order = [ax] + [c for c in range(3) if c != ax]
+    return tuple(canon[c] for c in order)  # type: ignore[return-value]
+
+
 def file_to_canonical_slice(index: int, shape: tuple[int, ...], affine: np.ndarray, axis: int | str) -> int:
     """Slice number as a viewer shows it (voxel index k of the stored array) -> canonical index."""
     i, flipped = file_axis_for(affine, axis)

@@ -222,11 +222,10 @@ class Reindexer:
         store = SupportStore(self.c.pre, max_volumes=1)
         sups = [store.support(r, v) for r in recs for v in r.labels]
         n = 0
-        for s in range(0, len(sups), engine.encode_batch):
+        for s in range(0, len(sups), 4):  # small chunks so a stop request is honoured soon
             if self._stop.is_set():
                 break
-            engine.support_memories(sups[s:s + engine.encode_batch])
-            n += len(sups[s:s + engine.encode_batch])
+            n += engine.warm_supports(sups[s:s + 4])
         return n
 
 

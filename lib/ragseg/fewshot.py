@@ -1,0 +1,426 @@
+"""Few-shot mask-decoder fine-tuning with prototype prompts (Xie et al., WACV 2024; DESIGN.md 1).
+
+The foreground and background prototypes of a label (masked means of support embeddings, see
+:mod:`ragseg.prototypes`) replace the user's prompt tokens of a SAM-family mask decoder. Only
+that decoder (a copy; the backbone's stays untouched) and a small projection of the prototypes
+are trained, on image embeddings computed once by the frozen encoder, with Dice + BCE.
+
+Optionally the training-free box of :func:`ragseg.prototypes.coarse_regions` is added as two more
+tokens: prototypes say *what*, the box says roughly *where* (``use_box``).
+
+Backbones plug in through a :class:`DecoderAdapter`: :class:`LiteMedSamAdapter` and
+:class:`Sam2Adapter` (SAM 2's mask decoder with its high-resolution skip features).
+
+A trained decoder is saved as a folder: ``decoder.pt`` (state dict) + ``manifest.json``
+(backbone id, labels, data checksum, options, history), both written atomically; loading checks
+the backbone and loads strictly.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from . import defaults
+from .errors import RagsegError
+from .prototypes import coarse_regions, location_prior, mask_grid, masked_prototypes, region_box
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+WEIGHTS = "decoder.pt"
+FORMAT_VERSION = 1
+
+
+# --- backbones -------------------------------------------------------------------------------------
+class DecoderAdapter(Protocol):
+    """A frozen SAM-family encoder + prompt encoder, and the mask decoder to fine-tune.
+
+    ``encode`` returns per-slice features as a dict of batched tensors; ``features['embed']`` is
+    the [n, C, g, g] embedding prototypes are computed on.
+    """
+
+    backbone_id: str
+    embed_dim: int
+    grid: int  # embedding side g
+    input_size: int  # the frame box prompts are given in
+    mask_decoder: nn.Module
+    prompt_encoder: nn.Module
+
+    def encode(self, slices01: np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+    def decode(self, decoder: nn.Module, feats: dict[str, torch.Tensor], sparse: torch.Tensor) -> torch.Tensor:
+        """Mask logits [n, 1, S, S] from ``decoder`` (the original or a fine-tuned copy)."""
+        ...
+
+
+def _dense(prompt_encoder: nn.Module, n: int, grid: int) -> torch.Tensor:
+    """The decoder's dense prompt when no mask is given ("no mask" embedding everywhere)."""
+    return prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(n, -1, grid, grid)
+
+
+class LiteMedSamAdapter:
+    """LiteMedSAM (256 px input, 64x64x256 embeddings, 256x256 logits)."""
+
+    def __init__(self, lite):  # ragseg.litemedsam.LiteMedSAM
+        self.lite = lite
+        self.backbone_id = lite.model_id
+        self.embed_dim, self.grid, self.input_size = 256, 64, 256
+        self.mask_decoder = lite.net.mask_decoder
+        self.prompt_encoder = lite.net.prompt_encoder
+
+    def encode(self, slices01):
+        return {"embed": self.lite.embeddings(slices01)}
+
+    def decode(self, decoder, feats, sparse):
+        n = sparse.shape[0]
+        logits, _ = decoder(image_embeddings=feats["embed"], image_pe=self.prompt_encoder.get_dense_pe(),
+                            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=_dense(self.prompt_encoder, n, self.grid),
+                            multimask_output=False)
+        return logits
+
+
+class Sam2Adapter:
+    """SAM 2's image encoder + SAM mask decoder, as ``SAM2ImagePredictor`` runs them."""
+
+    def __init__(self, engine):  # ragseg.engine.RagSam2Engine
+        m = engine.model
+        self.engine, self.model = engine, m
+        self.backbone_id = engine.model_id
+        self.embed_dim = m.sam_prompt_encoder.embed_dim
+        self.grid = m.sam_image_embedding_size
+        self.input_size = m.image_size
+        self.mask_decoder = m.sam_mask_decoder
+        self.prompt_encoder = m.sam_prompt_encoder
+
+    @torch.inference_mode()
+    def encode(self, slices01):
+        f = self.engine.encode_images(self.engine.prepare_images(slices01))
+        n = len(f)
+        vf = list(f.vision_feats)
+        if self.model.directly_add_no_mem_embed:
+            vf[-1] = vf[-1] + self.model.no_mem_embed
+        maps = [x.permute(1, 2, 0).reshape(n, -1, *hw) for x, hw in zip(vf, f.feat_sizes)]
+        out = {"embed": maps[-1]}
+        for i, hr in enumerate(maps[:-1]):
+            out[f"high_res_{i}"] = hr
+        return out
+
+    def decode(self, decoder, feats, sparse):
+        n = sparse.shape[0]
+        hr = [feats[k] for k in sorted(k for k in feats if k.startswith("high_res_"))]
+        logits, *_ = decoder(image_embeddings=feats["embed"], image_pe=self.prompt_encoder.get_dense_pe(),
+                             sparse_prompt_embeddings=sparse,
+                             dense_prompt_embeddings=_dense(self.prompt_encoder, n, self.grid),
+                             multimask_output=False, repeat_image=False,
+                             high_res_features=hr if self.model.use_high_res_features_in_sam else None)
+        return logits
+
+
+# --- the prototype-prompted decoder ------------------------------------------------------------------
+class PrototypeDecoder(nn.Module):
+    """A SAM-family mask decoder prompted by label prototypes instead of points/boxes.
+
+    Args:
+        adapter: the backbone (frozen; not part of this module's state).
+        use_box: also give the decoder the training-free box of the query's coarse region.
+        location_prior: grid cells around the supports' structure a coarse region may lie in
+            (None: anywhere); only used to find boxes.
+    """
+
+    def __init__(self, adapter: DecoderAdapter, *, use_box: bool = True,
+                 location_prior: int | None = defaults.LOCATION_PRIOR):
+        super().__init__()
+        object.__setattr__(self, "adapter", adapter)  # not a submodule: its weights are not ours
+        self.use_box = use_box
+        self.location_prior = location_prior
+        self.decoder = copy.deepcopy(adapter.mask_decoder)
+        c = adapter.embed_dim
+        self.proj = nn.Linear(c, c)  # starts as identity: the untrained model is the paper's zero-shot
+        with torch.no_grad():
+            self.proj.weight.copy_(torch.eye(c))
+            self.proj.bias.zero_()
+        self.token_type = nn.Parameter(torch.zeros(2, c))  # learned fg / bg token offsets
+
+    def tokens(self, fg: torch.Tensor, bg: torch.Tensor, boxes: torch.Tensor | None) -> torch.Tensor:
+        """Sparse prompt tokens [n, 2 (+2), C] from prototypes [n, C] (and boxes [n, 4])."""
+        t = torch.stack([self.proj(fg) + self.token_type[0], self.proj(bg) + self.token_type[1]], 1)
+        if self.use_box:
+            if boxes is None:
+                raise ValueError("use_box decoder needs a box per item")
+            with torch.no_grad():
+                bt = self.adapter.prompt_encoder._embed_boxes(boxes.to(t.device))
+            t = torch.cat([t, bt], 1)
+        return t
+
+    def forward(self, feats: dict[str, torch.Tensor], fg: torch.Tensor, bg: torch.Tensor,
+                boxes: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [n, 1, S, S] for n (query, label) items; ``feats`` rows match the items."""
+        return self.adapter.decode(self.decoder, feats, self.tokens(fg, bg, boxes))
+
+    @torch.no_grad()
+    def prompt(self, query_emb: torch.Tensor, support_embs: torch.Tensor, support_grid_masks: torch.Tensor,
+               max_regions: int = 1) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]] | None:
+        """Prototypes (fg, bg) and boxes (one per coarse region) for one query and label.
+
+        Without ``use_box`` the box list holds one dummy entry. None: no prototype (empty support
+        masks) or, with ``use_box``, no foreground-like region on the query.
+        """
+        protos = masked_prototypes(support_embs, support_grid_masks)
+        if protos is None:
+            return None
+        if not self.use_box:
+            return protos[0], protos[1], [torch.zeros(4)]
+        prior = location_prior(support_grid_masks, self.location_prior)
+        regions = coarse_regions(query_emb, *protos, prior, max_regions=max_regions)
+        if not regions:
+            return None
+        return protos[0], protos[1], [region_box(r, self.adapter.input_size) for r in regions]
+
+    # -- persistence --------------------------------------------------------------------------------
+    def save(self, directory: str | Path, manifest: dict) -> Path:
+        """Write ``decoder.pt`` and ``manifest.json`` (each temp file + rename; manifest last)."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        man = {"format": FORMAT_VERSION, "backbone": self.adapter.backbone_id, "use_box": self.use_box,
+               "location_prior": self.location_prior, **manifest}
+        _atomic_write(d / WEIGHTS, lambda f: torch.save(self.state_dict(), f))
+        _atomic_write(d / MANIFEST, lambda f: f.write(json.dumps(man, indent=2, default=str).encode()))
+        return d
+
+    @classmethod
+    def load(cls, directory: str | Path, adapter: DecoderAdapter) -> tuple[PrototypeDecoder, dict]:
+        """A saved decoder for ``adapter``'s backbone (strict); RagsegError naming the problem."""
+        d = Path(directory)
+        try:
+            man = json.loads((d / MANIFEST).read_text())
+        except FileNotFoundError:
+            raise RagsegError(f"{d}: no {MANIFEST}; not a fine-tuned decoder folder") from None
+        except ValueError as e:
+            raise RagsegError(f"{d / MANIFEST}: unreadable ({e})") from None
+        if man.get("format") != FORMAT_VERSION:
+            raise RagsegError(f"{d}: decoder format {man.get('format')!r}, expected {FORMAT_VERSION}")
+        if man.get("backbone") != adapter.backbone_id:
+            raise RagsegError(f"{d}: decoder was trained for backbone {man.get('backbone')!r}, "
+                              f"not {adapter.backbone_id!r}")
+        dec = cls(adapter, use_box=bool(man["use_box"]), location_prior=man.get("location_prior"))
+        try:
+            state = torch.load(d / WEIGHTS, map_location="cpu", weights_only=True)
+            dec.load_state_dict(state, strict=True)
+        except (OSError, RuntimeError) as e:
+            raise RagsegError(f"{d / WEIGHTS}: cannot load ({e})") from None
+        return dec.eval(), man
+
+
+def _atomic_write(path: Path, write: Callable) -> None:
+    fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# --- training data -----------------------------------------------------------------------------------
+@dataclass
+class TrainingSet:
+    """Labeled slices with cached embeddings, ready for episodes.
+
+    feats: adapter features of the N slices (computed once by the frozen encoder).
+    grid_masks: [N, L, g, g] area fractions per label; targets: [N, L, S, S] bool at decoder size.
+    """
+
+    feats: dict[str, torch.Tensor]
+    grid_masks: torch.Tensor
+    targets: torch.Tensor
+    labels: list[int]
+    encode_s: float = 0.0
+
+    def __len__(self) -> int:
+        return int(self.grid_masks.shape[0])
+
+
+def build_training_set(adapter: DecoderAdapter, slices01: np.ndarray, label_slices: np.ndarray,
+                       labels: Sequence[int], out_size: int | None = None) -> TrainingSet:
+    """Encode ``slices01`` [N, H, W] once and derive per-label masks from ``label_slices`` [N, H, W]."""
+    t = time.perf_counter()
+    feats = {k: v.detach().float().cpu() for k, v in adapter.encode(slices01).items()}
+    enc = time.perf_counter() - t
+    g = adapter.grid
+    s = out_size or 4 * g
+    lab = torch.as_tensor(np.asarray(label_slices).astype(np.int64))
+    gm = torch.stack([mask_grid(lab == v, g) for v in labels], 1)
+    tg = torch.stack([F.interpolate((lab == v)[:, None].float(), size=(s, s), mode="nearest")[:, 0] > 0.5
+                      for v in labels], 1)
+    return TrainingSet(feats, gm, tg, list(labels), enc)
+
+
+@dataclass
+class Episode:
+    query: int
+    label_index: int
+    supports: list[int]
+    fg: torch.Tensor
+    bg: torch.Tensor
+    box: torch.Tensor
+
+
+def make_episodes(dec: PrototypeDecoder, ts: TrainingSet, k: int, rng: np.random.Generator,
+                  jitter: float = 0.0) -> list[Episode]:
+    """One episode per (labeled slice, label): supports = up to k *other* slices with the label.
+
+    The query's own mask never enters its prototypes (as at inference). Episodes where the label
+    is absent on the query teach the decoder to answer "nothing" to a look-alike region.
+    """
+    out: list[Episode] = []
+    emb = ts.feats["embed"]
+    present = ts.grid_masks.sum((2, 3)) > 0  # [N, L]
+    for li in range(len(ts.labels)):
+        have = [int(i) for i in torch.nonzero(present[:, li])[:, 0]]
+        for q in range(len(ts)):
+            others = [i for i in have if i != q]
+            if not others:
+                continue
+            sup = sorted(rng.choice(others, size=min(k, len(others)), replace=False).tolist())
+            p = dec.prompt(emb[q], emb[sup], ts.grid_masks[sup, li])
+            if p is None:
+                continue
+            fg, bg, boxes = p
+            box = boxes[0]
+            if jitter > 0 and dec.use_box:
+                wh = (box[2:] - box[:2]).clamp_min(1.0).repeat(2)
+                box = box + torch.as_tensor(rng.uniform(-jitter, jitter, 4), dtype=torch.float32) * wh
+                box = box.clamp(0, dec.adapter.input_size - 1)
+            out.append(Episode(q, li, sup, fg, bg, box))
+    return out
+
+
+def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over items of soft Dice loss + binary cross-entropy (logits, target: [n, S, S])."""
+    t = target.float()
+    bce = F.binary_cross_entropy_with_logits(logits, t)
+    p = torch.sigmoid(logits)
+    inter = (p * t).sum((1, 2))
+    dice = 1 - (2 * inter + 1) / (p.sum((1, 2)) + t.sum((1, 2)) + 1)
+    return bce + dice.mean()
+
+
+def hard_dice(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-item Dice of binary masks [n, S, S]; 1 when both are empty."""
+    inter = (pred & target).sum((1, 2)).float()
+    tot = (pred.sum((1, 2)) + target.sum((1, 2))).float()
+    return torch.where(tot > 0, 2 * inter / tot.clamp_min(1), torch.ones_like(tot))
+
+
+@dataclass
+class TrainResult:
+    decoder: PrototypeDecoder
+    history: list[dict] = field(default_factory=list)  # per epoch: loss, dice, seconds
+    best_metric: float = 0.0
+    best_epoch: int = 0
+    encode_s: float = 0.0
+
+
+def _batch_feats(feats: dict[str, torch.Tensor], idx: list[int]) -> dict[str, torch.Tensor]:
+    return {k: v[idx] for k, v in feats.items()}
+
+
+def finetune(dec: PrototypeDecoder, ts: TrainingSet, *, epochs: int = defaults.FINETUNE_EPOCHS,
+             lr: float = defaults.FINETUNE_LR, batch: int = defaults.FINETUNE_BATCH, k: int = defaults.DEFAULT_K,
+             seed: int = 0, progress: bool = False,
+             on_epoch: Callable[[int, dict], bool | None] | None = None) -> TrainResult:
+    """Train ``dec`` (decoder + projection; backbone frozen) on episodes from ``ts``.
+
+    Each epoch draws new support subsets (and box jitter), so the decoder sees varied prototypes.
+    The metric is the epoch's mean Dice over episodes whose query carries the label (before each
+    step's update); the state with the best metric is kept. ``on_epoch(epoch, stats)`` may return
+    True to stop early.
+    """
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    params = [p for p in dec.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    res = TrainResult(dec, encode_s=ts.encode_s)
+    best_state = copy.deepcopy(dec.state_dict())
+    best = -1.0
+    dec.train()
+    for ep in tqdm(range(1, epochs + 1), desc="fine-tuning decoder", disable=not progress, unit="epoch"):
+        t0 = time.perf_counter()
+        eps = make_episodes(dec, ts, k, rng, jitter=defaults.FINETUNE_BOX_JITTER)
+        if not eps:
+            raise RagsegError("no training episode: every label needs at least two labeled slices")
+        order = rng.permutation(len(eps))
+        losses, dices = [], []
+        for s in range(0, len(order), batch):
+            b = [eps[i] for i in order[s:s + batch]]
+            feats = _batch_feats(ts.feats, [e.query for e in b])
+            target = torch.stack([ts.targets[e.query, e.label_index] for e in b])
+            logits = dec(feats, torch.stack([e.fg for e in b]), torch.stack([e.bg for e in b]),
+                         torch.stack([e.box for e in b]))[:, 0]
+            loss = dice_bce_loss(logits, target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss) * len(b))
+            has = target.flatten(1).any(1)
+            if has.any():
+                dices += hard_dice(logits.detach()[has] > 0, target[has]).tolist()
+        stats = {"epoch": ep, "loss": sum(losses) / len(eps), "dice": float(np.mean(dices)) if dices else 0.0,
+                 "episodes": len(eps), "seconds": time.perf_counter() - t0}
+        res.history.append(stats)
+        logger.info("epoch %d/%d: loss %.4f, dice %.3f (%d episodes, %.1f s)", ep, epochs, stats["loss"],
+                    stats["dice"], len(eps), stats["seconds"])
+        if stats["dice"] > best:
+            best, res.best_epoch = stats["dice"], ep
+            best_state = copy.deepcopy(dec.state_dict())
+        if on_epoch is not None and on_epoch(ep, stats):
+            break
+    dec.load_state_dict(best_state)
+    dec.eval()
+    res.best_metric = best
+    return res
+
+
+def data_checksum(parts: Sequence[str]) -> str:
+    """SHA-256 over the training data's identity (file checksums and slice indices)."""
+    h = hashlib.sha256()
+    for p in sorted(parts):
+        h.update(p.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def predict(dec: PrototypeDecoder, query_feats: dict[str, torch.Tensor], support_feats: dict[str, torch.Tensor],
+            support_grid_masks: torch.Tensor, max_regions: int = 1) -> torch.Tensor:
+    """Logits [n, S, S] for n queries of one label from k supports (same supports for all)."""
+    emb, sup = query_feats["embed"], support_feats["embed"]
+    s = 4 * dec.adapter.grid
+    out = torch.full((len(emb), s, s), -1024.0)
+    for i in range(len(emb)):
+        p = dec.prompt(emb[i], sup, support_grid_masks, max_regions=max_regions)
+        if p is None:
+            continue
+        fg, bg, boxes = p
+        n = len(boxes)
+        f = _batch_feats(query_feats, [i] * n)
+        lg = dec(f, fg.expand(n, -1), bg.expand(n, -1), torch.stack(boxes))[:, 0]
+        out[i] = lg.max(0).values
+    return out

@@ -1,0 +1,81 @@
+"""Labeled volumes -> a fine-tuned prototype decoder folder (the CLI and the train task share it)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__, defaults
+from .errors import RagsegError
+from .fewshot import (
+    DecoderAdapter,
+    PrototypeDecoder,
+    TrainResult,
+    build_training_set,
+    data_checksum,
+    finetune,
+)
+from .pipeline import LabeledVolume, Preprocess
+from .volume import file_checksum, load_image, load_label
+
+logger = logging.getLogger(__name__)
+
+
+def labeled_slices(items: Sequence[LabeledVolume], pre: Preprocess, labels: Sequence[int] | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, list[int], list[str]]:
+    """Every slice carrying a label: (slices [N, H, W], label slices [N, H, W], labels, identity parts).
+
+    Slices of different sizes cannot share a batch, so all volumes must slice to the same shape
+    (a clear error otherwise).
+    """
+    sl, lb, ident = [], [], []
+    for it in items:
+        img = load_image(it.image_path)
+        lab = load_label(it.label_path, like=img)
+        s, ls = pre.slices(img), pre.label_slices(lab)
+        keep = np.nonzero((ls > 0).any((1, 2)) if labels is None else np.isin(ls, list(labels)).any((1, 2)))[0]
+        if len(keep) == 0:
+            continue
+        if sl and s.shape[1:] != sl[0].shape[1:]:
+            raise RagsegError(f"{it.image_id}: slices are {s.shape[1:]}, others {sl[0].shape[1:]}; "
+                              "fine-tuning needs one slice size per run")
+        sl.append(s[keep])
+        lb.append(ls[keep])
+        ident.append(f"{file_checksum(it.image_path)}|{file_checksum(it.label_path)}|{pre.id}|"
+                     f"{','.join(map(str, keep))}")
+    if not sl:
+        raise RagsegError("no labeled slice to fine-tune on")
+    slices, labs = np.concatenate(sl), np.concatenate(lb)
+    found = sorted(int(v) for v in np.unique(labs) if v > 0)
+    return slices, labs, (sorted(labels) if labels is not None else found), ident
+
+
+def train_decoder(items: Sequence[LabeledVolume], adapter: DecoderAdapter, pre: Preprocess, out_dir: str | Path, *,
+                  labels: Sequence[int] | None = None, names: dict[int, str] | None = None,
+                  epochs: int = defaults.FINETUNE_EPOCHS, lr: float = defaults.FINETUNE_LR,
+                  k: int = defaults.DEFAULT_K, use_box: bool = True, seed: int = 0, progress: bool = False,
+                  on_epoch: Callable[[int, dict], bool | None] | None = None) -> TrainResult:
+    """Fine-tune a prototype decoder on the labeled slices of ``items`` and save it to ``out_dir``."""
+    t0 = time.perf_counter()
+    slices, labs, labels, ident = labeled_slices(items, pre, labels)
+    missing = [v for v in labels if not (labs == v).any()]
+    if missing:
+        raise RagsegError(f"labels {missing} have no labeled slice")
+    ts = build_training_set(adapter, slices, labs, labels)
+    logger.info("encoded %d labeled slices in %.1f s", len(ts), ts.encode_s)
+    dec = PrototypeDecoder(adapter, use_box=use_box)
+    res = finetune(dec, ts, epochs=epochs, lr=lr, k=k, seed=seed, progress=progress, on_epoch=on_epoch)
+    names = names or {}
+    dec.save(out_dir, {
+        "labels": {names.get(v, f"label_{v}"): v for v in labels},
+        "data_checksum": data_checksum(ident), "slices": len(ts), "preprocess": pre.id,
+        "epochs": len(res.history), "best_epoch": res.best_epoch, "best_metric": res.best_metric,
+        "lr": lr, "k": k, "seed": seed, "encode_s": round(ts.encode_s, 2),
+        "train_s": round(time.perf_counter() - t0, 2), "history": res.history, "ragseg_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    })
+    return res
