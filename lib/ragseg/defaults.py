@@ -57,7 +57,8 @@ LITEMEDSAM_POOL = 4  # retrieval embedding = LiteMedSAM embedding average-pooled
 LITEMEDSAM_ENCODE_BATCH = 1  # TinyViT on CPU is fastest per slice at batch 1 (measured, #4)
 
 # --- few-shot decoder fine-tuning ------------------------------------------------------------------
-FINETUNE_EPOCHS = 40
+FINETUNE_EPOCHS = 20
+FINETUNE_MAX_EPISODES = 64  # episodes per epoch at most (one step ~0.3 s per episode on 2 CPU threads)
 FINETUNE_LR = 1e-4
 FINETUNE_BATCH = 8
 FINETUNE_BOX_JITTER = 0.1  # training boxes moved by up to this fraction of their size

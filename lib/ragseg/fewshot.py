@@ -344,11 +344,12 @@ def _batch_feats(feats: dict[str, torch.Tensor], idx: list[int]) -> dict[str, to
 
 def finetune(dec: PrototypeDecoder, ts: TrainingSet, *, epochs: int = defaults.FINETUNE_EPOCHS,
              lr: float = defaults.FINETUNE_LR, batch: int = defaults.FINETUNE_BATCH, k: int = defaults.DEFAULT_K,
-             seed: int = 0, progress: bool = False,
+             seed: int = 0, max_episodes: int | None = defaults.FINETUNE_MAX_EPISODES, progress: bool = False,
              on_epoch: Callable[[int, dict], bool | None] | None = None) -> TrainResult:
     """Train ``dec`` (decoder + projection; backbone frozen) on episodes from ``ts``.
 
-    Each epoch draws new support subsets (and box jitter), so the decoder sees varied prototypes.
+    Each epoch draws new support subsets (and box jitter), so the decoder sees varied prototypes;
+    with ``max_episodes`` an epoch is a random subset of that many episodes (large pools).
     The metric is the epoch's mean Dice over episodes whose query carries the label (before each
     step's update); the state with the best metric is kept. ``on_epoch(epoch, stats)`` may return
     True to stop early.
@@ -366,7 +367,7 @@ def finetune(dec: PrototypeDecoder, ts: TrainingSet, *, epochs: int = defaults.F
         eps = make_episodes(dec, ts, k, rng, jitter=defaults.FINETUNE_BOX_JITTER)
         if not eps:
             raise RagsegError("no training episode: every label needs at least two labeled slices")
-        order = rng.permutation(len(eps))
+        order = rng.permutation(len(eps))[:max_episodes]
         losses, dices = [], []
         for s in range(0, len(order), batch):
             b = [eps[i] for i in order[s:s + batch]]
@@ -378,15 +379,15 @@ def finetune(dec: PrototypeDecoder, ts: TrainingSet, *, epochs: int = defaults.F
             opt.zero_grad()
             loss.backward()
             opt.step()
-            losses.append(float(loss) * len(b))
+            losses.append(loss.item() * len(b))
             has = target.flatten(1).any(1)
             if has.any():
                 dices += hard_dice(logits.detach()[has] > 0, target[has]).tolist()
-        stats = {"epoch": ep, "loss": sum(losses) / len(eps), "dice": float(np.mean(dices)) if dices else 0.0,
-                 "episodes": len(eps), "seconds": time.perf_counter() - t0}
+        stats = {"epoch": ep, "loss": sum(losses) / len(order), "dice": float(np.mean(dices)) if dices else 0.0,
+                 "episodes": len(order), "seconds": time.perf_counter() - t0}
         res.history.append(stats)
         logger.info("epoch %d/%d: loss %.4f, dice %.3f (%d episodes, %.1f s)", ep, epochs, stats["loss"],
-                    stats["dice"], len(eps), stats["seconds"])
+                    stats["dice"], len(order), stats["seconds"])
         if stats["dice"] > best:
             best, res.best_epoch = stats["dice"], ep
             best_state = copy.deepcopy(dec.state_dict())
