@@ -67,8 +67,8 @@ def test_prototype_prompt_intra_volume(lite):
     """Training-free mode: 3 labeled slices per organ -> prototype box prompt on other slices of the same CT."""
     import torch
 
-    from ragseg.prototypes import prototype_box
     from ragseg.pipeline import Preprocess
+    from ragseg.prototypes import prototype_box
     from ragseg.volume import load_image, load_label
 
     img = load_image(SHARED / "ct.nii.gz")

@@ -17,6 +17,7 @@ from ragseg.label_app.batch import ResumableBatchInfer
 from ragseg.label_app.infer import RagSegInfer
 from ragseg.label_app.services import Services
 from ragseg.label_app.strategy import DiversityStrategy
+from ragseg.label_app.train import DecoderTrainTask
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,10 @@ class RagSegApp(MONAILabelApp):
     def init_infers(self):
         s = self.services
         return {"ragseg": RagSegInfer(s.components, s.label_names, s.human_label, suggestion=s.suggestion)}
+
+    def init_trainers(self):
+        t = DecoderTrainTask(self.services.components, self.services.label_names)
+        return {t.name: t}
 
     def init_strategies(self):
         return {"diversity": DiversityStrategy(self.services.components), "random": Random(), "first": First()}

@@ -222,8 +222,8 @@ class PrototypeDecoder(nn.Module):
         try:
             state = torch.load(d / WEIGHTS, map_location="cpu", weights_only=True)
             dec.load_state_dict(state, strict=True)
-        except (OSError, RuntimeError) as e:
-            raise RagsegError(f"{d / WEIGHTS}: cannot load ({e})") from None
+        except Exception as e:  # corrupt or truncated file, wrong keys or shapes: one clear error
+            raise RagsegError(f"{d / WEIGHTS}: cannot load ({type(e).__name__}: {str(e)[:200]})") from None
         return dec.eval(), man
 
 

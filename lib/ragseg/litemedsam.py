@@ -208,12 +208,15 @@ class LiteMedSamEngine:
                  max_regions: int = defaults.MAX_REGIONS, decode_batch: int = 16):
         self.lite = lite
         self.cache = cache if cache is not None else SupportMemoryCache(item_type=SupportEmbedding)
-        self.decoder = decoder
         self.location_prior = location_prior
         self.max_regions = max(1, int(max_regions))
         self.decode_batch = max(1, int(decode_batch))
-        mode = "finetuned" if decoder is not None else "prototype-box"
-        self.model_id = f"{lite.model_id}|{mode}"
+        self.set_decoder(decoder)
+
+    def set_decoder(self, decoder: torch.nn.Module | None) -> None:
+        """Switch between training-free prompts (None) and a fine-tuned prototype decoder."""
+        self.decoder = decoder.eval() if decoder is not None else None
+        self.model_id = f"{self.lite.model_id}|{'finetuned' if decoder is not None else 'prototype-box'}"
 
     def _key(self, support: Support) -> str:
         import hashlib

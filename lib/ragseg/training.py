@@ -57,7 +57,8 @@ def labeled_slices(items: Sequence[LabeledVolume], pre: Preprocess, labels: Sequ
 def train_decoder(items: Sequence[LabeledVolume], adapter: DecoderAdapter, pre: Preprocess, out_dir: str | Path, *,
                   labels: Sequence[int] | None = None, names: dict[int, str] | None = None,
                   epochs: int = defaults.FINETUNE_EPOCHS, lr: float = defaults.FINETUNE_LR,
-                  k: int = defaults.DEFAULT_K, use_box: bool = True, seed: int = 0, progress: bool = False,
+                  k: int = defaults.DEFAULT_K, use_box: bool = True, seed: int = 0,
+                  max_episodes: int | None = defaults.FINETUNE_MAX_EPISODES, progress: bool = False,
                   on_epoch: Callable[[int, dict], bool | None] | None = None) -> TrainResult:
     """Fine-tune a prototype decoder on the labeled slices of ``items`` and save it to ``out_dir``."""
     t0 = time.perf_counter()
@@ -68,13 +69,14 @@ def train_decoder(items: Sequence[LabeledVolume], adapter: DecoderAdapter, pre: 
     ts = build_training_set(adapter, slices, labs, labels)
     logger.info("encoded %d labeled slices in %.1f s", len(ts), ts.encode_s)
     dec = PrototypeDecoder(adapter, use_box=use_box)
-    res = finetune(dec, ts, epochs=epochs, lr=lr, k=k, seed=seed, progress=progress, on_epoch=on_epoch)
+    res = finetune(dec, ts, epochs=epochs, lr=lr, k=k, seed=seed, max_episodes=max_episodes, progress=progress,
+                   on_epoch=on_epoch)
     names = names or {}
     dec.save(out_dir, {
         "labels": {names.get(v, f"label_{v}"): v for v in labels},
         "data_checksum": data_checksum(ident), "slices": len(ts), "preprocess": pre.id,
         "epochs": len(res.history), "best_epoch": res.best_epoch, "best_metric": res.best_metric,
-        "lr": lr, "k": k, "seed": seed, "encode_s": round(ts.encode_s, 2),
+        "lr": lr, "k": k, "seed": seed, "max_episodes": max_episodes, "encode_s": round(ts.encode_s, 2),
         "train_s": round(time.perf_counter() - t0, 2), "history": res.history, "ragseg_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     })

@@ -11,12 +11,13 @@ import threading
 from pathlib import Path
 
 from ..embedders import Embedder
-from ..engine import RagSam2Engine
 from ..errors import RagsegError
-from ..factory import ModelConfig, load_embedder, load_engine
+from ..factory import ModelConfig, ModelSet
 from ..index import SliceIndex
-from ..pipeline import Preprocess, Segmenter, open_index
+from ..pipeline import Preprocess, SegmentationEngine, Segmenter, open_index
 from .config import AppConfig
+
+DECODER_TASK = "ragseg_decoder"  # the train task's name; its decoder lives in <index_dir>/decoders/<name>
 
 logger = logging.getLogger(__name__)
 
@@ -34,22 +35,39 @@ class Components:
         self.pre = Preprocess(axis=cfg.axis, modality=cfg.modality, ct_window=cfg.ct_window)
         self._lock = threading.RLock()
         self._embedder: Embedder | None = None
-        self._engine: RagSam2Engine | None = None
+        self._engine: SegmentationEngine | None = None
         self._index: SliceIndex | None = None
+        self._decoder_stamp: tuple[str, float] | None = None
         self.errors: dict[str, str] = {}
+        self.models = ModelSet(self.model_config())  # decides the backend (cheap: checks files only)
 
     def model_config(self) -> ModelConfig:
         c = self.cfg
-        return ModelConfig(sam2=c.sam2_checkpoint, sam2_variant=c.sam2_variant, dinov2=c.dinov2, pooling=c.pooling,
-                           image_size=c.image_size, device=c.device, random_weights=c.random_weights_for_testing,
-                           memory_cache=str(self.index_dir / "memories"))
+        return ModelConfig(backend=c.backend, retrieval=c.retrieval, location_prior=c.location_prior,
+                           max_regions=c.max_regions, sam2=c.sam2_checkpoint, sam2_variant=c.sam2_variant,
+                           dinov2=c.dinov2, pooling=c.pooling, image_size=c.image_size, device=c.device,
+                           random_weights=c.random_weights_for_testing, memory_cache=str(self.index_dir / "memories"))
+
+    @property
+    def backend(self) -> str:
+        return self.models.backend
+
+    def decoder_dir(self) -> Path | None:
+        """The fine-tuned decoder the litemedsam backend uses: --conf decoder, or the trained one."""
+        d = self.cfg.decoder
+        if d == "none":
+            return None
+        if d == "auto":
+            p = self.index_dir / "decoders" / DECODER_TASK
+            return p if (p / "manifest.json").exists() else None
+        return Path(d).expanduser()
 
     def _load(self, attr: str, key: str, loader, what: str):
         """Build a model once; on failure record why (for /info) and raise ModelUnavailable."""
         with self._lock:
             if getattr(self, attr) is None:
                 try:
-                    setattr(self, attr, loader(self.model_config()))
+                    setattr(self, attr, loader())
                     self.errors.pop(key, None)
                 except RagsegError as e:
                     self.errors[key] = str(e)
@@ -57,10 +75,47 @@ class Components:
             return getattr(self, attr)
 
     def embedder(self) -> Embedder:
-        return self._load("_embedder", "embedder", load_embedder, "retrieval embedder unavailable")
+        return self._load("_embedder", "embedder", self.models.embedder, "retrieval embedder unavailable")
 
-    def engine(self) -> RagSam2Engine:
-        return self._load("_engine", "engine", load_engine, "SAM 2 unavailable")
+    def engine(self) -> SegmentationEngine:
+        if self.backend == "rag-sam2":
+            return self._load("_engine", "engine", self.models.engine, "SAM 2 unavailable")
+        eng = self._load("_engine", "engine", lambda: self.models.lite_engine(None), "LiteMedSAM unavailable")
+        self._refresh_decoder(eng)
+        return eng
+
+    def _refresh_decoder(self, eng) -> None:
+        """Use the newest fine-tuned decoder (the train task writes it from another process)."""
+        from ..fewshot import LiteMedSamAdapter, PrototypeDecoder
+
+        d = self.decoder_dir()
+        stamp = None
+        if d is not None:
+            try:
+                stamp = (str(d), (d / "manifest.json").stat().st_mtime)
+            except OSError:
+                stamp = None
+                self.errors["decoder"] = f"--conf decoder {d}: no manifest.json there; segmenting training-free"
+        with self._lock:
+            if stamp == self._decoder_stamp:
+                return
+            if stamp is None:
+                eng.set_decoder(None)
+                if d is None:
+                    self.errors.pop("decoder", None)
+            else:
+                try:
+                    dec, man = PrototypeDecoder.load(d, LiteMedSamAdapter(eng.lite))
+                    eng.set_decoder(dec)
+                    self.decoder_manifest = {k: man.get(k) for k in ("labels", "best_metric", "epochs", "created",
+                                                                     "data_checksum")}
+                    self.errors.pop("decoder", None)
+                    logger.info("using fine-tuned decoder %s", d)
+                except RagsegError as e:  # a bad decoder must not stop training-free segmentation
+                    eng.set_decoder(None)
+                    self.errors["decoder"] = str(e)
+                    logger.warning("fine-tuned decoder unusable, segmenting training-free: %s", e)
+            self._decoder_stamp = stamp
 
     def index(self) -> SliceIndex:
         with self._lock:
@@ -94,9 +149,16 @@ class Components:
     def status(self) -> dict:
         """What /info shows: which backend, whether it is usable, and why not."""
         c = self.cfg
-        usable = not self.errors and self._engine is not None and self._embedder is not None
+        blocking = {k: v for k, v in self.errors.items() if k != "decoder"}
+        usable = not blocking and self._engine is not None and self._embedder is not None
         st: dict = {
-            "backend": c.backend,
+            "backend": self.backend,
+            "backend_reason": self.models.backend_reason,
+            "retrieval": self.models.retrieval or c.retrieval,
+            "retrieval_reason": self.models.retrieval_reason,
+            "mode": ("memory attention" if self.backend == "rag-sam2" else
+                     "fine-tuned prototype decoder" if getattr(self._engine, "decoder", None) is not None
+                     else "training-free prototype boxes"),
             "usable": usable,
             "reasons": dict(self.errors),
             "random_weights": c.random_weights_for_testing,
@@ -104,7 +166,9 @@ class Components:
         }
         if c.random_weights_for_testing:
             st["warning"] = "RANDOM WEIGHTS (random_weights_for_testing=true): masks are meaningless; tests only"
-        if not usable and not self.errors:
+        if self._decoder_stamp is not None:
+            st["decoder"] = {"path": self._decoder_stamp[0], **getattr(self, "decoder_manifest", {})}
+        if not usable and not blocking:
             st["reasons"] = {"loading": "models are still loading"}
         if self._index is not None:
             st["index"] = {"slices": len(self._index), "images": len(self._index.images()),

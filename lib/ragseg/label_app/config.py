@@ -71,7 +71,11 @@ class AppConfig:
     Attributes mirror the keys one to one; see the README for meanings and defaults.
     """
 
-    backend: str = "rag-sam2"
+    backend: str = "auto"
+    retrieval: str = "auto"
+    decoder: str = "auto"  # 'auto' (the app's trained decoder if any), 'none', or a decoder folder
+    location_prior: int | None = defaults.LOCATION_PRIOR
+    max_regions: int = defaults.MAX_REGIONS
     sam2_checkpoint: str = "sam2.1-hiera-tiny"
     sam2_variant: str = "hiera_t"
     dinov2: str = "dinov2-small"
@@ -101,8 +105,15 @@ class AppConfig:
             if key not in known:
                 raise ConfigError(f"--conf {key}: unknown key; known keys: {', '.join(sorted(known))}")
             v = str(raw)
-            if key in ("backend",):
-                val: object = _choice(key, v, ("rag-sam2",))
+            if key == "backend":
+                val: object = _choice(key, v, ("auto", "rag-sam2", "litemedsam"))
+            elif key == "retrieval":
+                val = _choice(key, v, ("auto", "dinov2", "litemedsam"))
+            elif key == "location_prior":
+                n = _number(key, v, -1, 64)
+                val = None if n < 0 else n
+            elif key == "max_regions":
+                val = _number(key, v, 1, 64)
             elif key == "sam2_variant":
                 val = _choice(key, v, ("hiera_t", "hiera_s", "hiera_b+", "hiera_l"))
             elif key == "pooling":

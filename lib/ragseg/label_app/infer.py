@@ -88,7 +88,7 @@ class RagSegInfer(InferTask):
         cfg = components.cfg
         super().__init__(
             type=InferType.SEGMENTATION, labels=label_names(), dimension=3,
-            description=description or "Few-shot segmentation by retrieval-augmented SAM 2 from your labeled slices",
+            description=description or f"Few-shot segmentation from your labeled slices ({components.backend} backend)",
             config={"k": cfg.k, "propagate": cfg.propagate, "same_image_supports": cfg.same_image_supports,
                     "keep_labeled_slices": True},
         )
@@ -152,6 +152,8 @@ class RagSegInfer(InferTask):
         path = request.get("image")
         if not isinstance(path, str) or not path or not os.path.exists(path):
             raise HTTPException(404, f"image {image_id!r} not found")
+        if propagate and self.c.backend != "rag-sam2":
+            raise HTTPException(422, f"param propagate: not available with the {self.c.backend} backend")
         try:
             seg = self.c.segmenter(k=k, same_image=same, propagate=propagate)
         except ModelUnavailable as e:
@@ -212,7 +214,7 @@ class RagSegInfer(InferTask):
             "slices": sorted(canonical_to_file_slice(s, vol.shape, vol.affine, axis) for s in res.slices),
             "human_slices_kept": kept,
             "k": k,
-            "backend": self.c.cfg.backend,
+            "backend": self.c.backend,
             "latencies": {"total": round(time.time() - t0, 3)},
         }
         sug = self.suggestion(image_id) if image_id != "upload" else None
