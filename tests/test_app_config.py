@@ -15,6 +15,11 @@ def test_defaults_and_types():
     assert (c.k, c.image_size, c.propagate, c.reconcile_interval) == (5, 512, True, 0.5)
     assert c.labels == {"liver": 1, "spleen": 2}
     assert AppConfig.from_conf({"labels": '{"a": 3}'}).labels == {"a": 3}
+    assert (c.backend, c.retrieval, c.decoder, c.location_prior, c.max_regions) == ("auto", "auto", "auto", 2, 1)
+    c = AppConfig.from_conf({"backend": "litemedsam", "retrieval": "litemedsam", "location_prior": "-1",
+                             "max_regions": "8", "decoder": "/d"})
+    assert (c.backend, c.retrieval, c.location_prior, c.max_regions, c.decoder) == ("litemedsam", "litemedsam",
+                                                                                    None, 8, "/d")
 
 
 @pytest.mark.parametrize("key,value,needle", [
@@ -27,6 +32,10 @@ def test_defaults_and_types():
     ("labels", "liver=x", "--conf labels"),
     ("device", "tpu", "--conf device"),
     ("modle", "x", "--conf modle: unknown key"),
+    ("backend", "sam3", "--conf backend: must be one of auto, rag-sam2, litemedsam"),
+    ("retrieval", "clip", "--conf retrieval: must be one of"),
+    ("max_regions", "0", "--conf max_regions: must be between 1 and 64"),
+    ("location_prior", "-2", "--conf location_prior: must be between -1 and 64"),
 ])
 def test_errors_name_the_key(key, value, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
@@ -38,3 +47,18 @@ def test_index_location(tmp_path):
     assert c.index_path(str(tmp_path), "/app") == tmp_path / ".ragseg"
     assert str(c.index_path("http://127.0.0.1:8042/dicom-web", "/app")) == "/app/.ragseg"
     assert str(AppConfig.from_conf({"index_dir": "/x/y"}).index_path(str(tmp_path), "/app")) == "/x/y"
+
+
+def test_backend_choice(tmp_path, monkeypatch):
+    """auto: rag-sam2 only when the SAM 2.1 checkpoint is on disk; the reason names the fetch command."""
+    from ragseg.factory import ModelConfig, choose_backend
+
+    monkeypatch.setenv("RAGSEG_WEIGHTS_DIR", str(tmp_path / "w"))
+    b, why = choose_backend(ModelConfig())
+    assert b == "litemedsam" and "ragseg weights fetch sam2.1-hiera-tiny" in why
+    assert choose_backend(ModelConfig(backend="rag-sam2"))[0] == "rag-sam2"
+    assert choose_backend(ModelConfig(random_weights=True))[0] == "rag-sam2"
+    ck = tmp_path / "w" / "sam2.1-hiera-tiny" / "sam2.1_hiera_tiny.pt"
+    ck.parent.mkdir(parents=True)
+    ck.write_bytes(b"x")
+    assert choose_backend(ModelConfig()) == ("rag-sam2", "SAM 2 checkpoint sam2.1-hiera-tiny found")

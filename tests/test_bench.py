@@ -29,3 +29,18 @@ def test_bench_quick_json(tmp_path):
     assert [r["n"] for r in ret["rows"]] == [1000, 5000]
     for r in ret["rows"]:
         assert 0 <= r["ivf"]["recall_at_k"] <= 1 and r["flat"]["median_ms"] > 0 and r["flat"]["memory_mb"] > 0
+
+
+@pytest.mark.slow
+def test_bench_litemedsam_quick(tmp_path):
+    out = tmp_path / "lite.json"
+    p = subprocess.run([sys.executable, "-m", "ragseg.cli", "bench", "litemedsam", "--quick", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    res = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in res["encoder"]["rows"]}
+    assert "+ channels_last (ours)" in rows and rows["package: no_grad, contiguous, batch 1"]["speedup_vs_package"] == 1
+    # every variant computes the same embedding (memory format and batching change speed only)
+    assert all(r["max_abs_diff"] < 1e-3 for r in rows.values()), rows
+    ft = res["finetune"]
+    assert ft["episodes"] == 4 and ft["epoch_cached_s"] > 0 and ft["ratio"] > 1

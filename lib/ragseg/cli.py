@@ -252,6 +252,10 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
     if a.section == "index":
         return main_index(a.slices, a.slice_size, not a.no_memories, a.json)
+    if a.section == "litemedsam":
+        from .bench import main_litemedsam
+
+        return main_litemedsam(2 if a.quick else 6, 4 if a.quick else a.slices, a.json)
     if a.quick:  # CI smoke size
         a.slices, a.slice_size, a.image_size, a.naive_slices = 4, 64, 128, 2
         a.retrieval_sizes = "1000,5000"
@@ -356,8 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     ft.set_defaults(func=cmd_finetune)
 
     be = sub.add_parser("bench", help="benchmarks (random weights; prints tables, --json writes them)")
-    be.add_argument("section", nargs="?", default="all", choices=("all", "volume", "retrieval", "index"),
-                    help="volume: per-stage time vs naive; retrieval: index scale; index: label save -> indexed")
+    be.add_argument("section", nargs="?", default="all", choices=("all", "volume", "retrieval", "index", "litemedsam"),
+                    help="volume: per-stage time vs naive; retrieval: index scale; index: label save -> indexed; "
+                         "litemedsam: encoder variants and a fine-tuning epoch (real LiteMedSAM weights)")
     be.add_argument("--slices", type=int, default=100, help="slices in the volume")
     be.add_argument("--slice-size", type=int, default=512, help="in-plane size of the volume")
     be.add_argument("--image-size", type=int, default=512, help="SAM 2 input size")
