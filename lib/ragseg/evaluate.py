@@ -32,7 +32,7 @@ import csv
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -203,6 +203,8 @@ class Harness:
         self.engine = self.models.engine()
         self.labels = list(cfg.classes.values())
         self.names = {v: k for k, v in cfg.classes.items()}
+        self._vectors_by_subject: dict[str, np.ndarray] = {}
+        self.case_info: dict[str, dict] = {}
 
     # supports ------------------------------------------------------------------------------------
     @staticmethod
@@ -211,10 +213,9 @@ class Harness:
 
     def _vectors(self, subj: Subject) -> np.ndarray:
         """Retrieval embeddings of every slice of ``subj`` (computed once per run)."""
-        cache = self.__dict__.setdefault("_vec_cache", {})
-        if subj.id not in cache:
-            cache[subj.id] = self.embedder.embed(subj.slices)
-        return cache[subj.id]
+        if subj.id not in self._vectors_by_subject:
+            self._vectors_by_subject[subj.id] = self.embedder.embed(subj.slices)
+        return self._vectors_by_subject[subj.id]
 
     def supports(self, case: Case, k: int, how: str) -> list[list[list[Support]]]:
         """supports[l][i] for query slice i of the case: k retrieved (or random), most similar last."""
@@ -304,12 +305,11 @@ class Harness:
         rows: list[dict] = []
         out = Path(self.cfg.out)
         out.mkdir(parents=True, exist_ok=True)
-        self.case_info = {}
         for case in tqdm(cases, desc="cases", disable=not progress, unit="case"):
             self.case_info[case.name] = {"subject": case.query.id, "seed": case.seed,
                                          "query_slices": case.query_slices,
                                          "pool": [[s.id, z] for s, z in case.pool]}
-            runs: list[tuple[str, int, callable]] = []
+            runs: list[tuple[str, int, Callable[[], np.ndarray] | None]] = []
             for m in self.cfg.methods:
                 if m in ("retrieved", "random"):
                     runs += [(m, k, lambda c=case, k=k, m=m: self.predict_engine(self.engine, c, k, m)) for k in self.cfg.ks]
@@ -334,6 +334,7 @@ class Harness:
                 t = time.perf_counter()
                 pred = fn()
                 rows += self._score(case, m, k, pred, time.perf_counter() - t)
+                logger.info("%s %s k=%d: %.1f s", case.name, m, k, time.perf_counter() - t)
         return rows
 
     def _score(self, case: Case, method: str, k: int, pred: np.ndarray, seconds: float) -> list[dict]:
