@@ -110,3 +110,45 @@ def test_finetune_litemedsam_decoder_raises_heldout_dice(tmp_path):
           f"held-out Dice {before:.3f} -> {after:.3f}; {np.mean([h['seconds'] for h in res.history]):.1f} s/epoch")
     assert res.history[-1]["loss"] < res.history[0]["loss"]
     assert after > before
+
+
+@pytest.mark.slow
+def test_cli_finetune_then_segment_with_the_decoder(tmp_path):
+    """`ragseg finetune` writes a decoder folder; `ragseg segment --decoder` uses it; a wrong backbone is refused."""
+    import os
+    import subprocess
+    import sys
+
+    from ragseg.synthetic import make_dataset
+
+    root = tmp_path / "ds"
+    make_dataset(root, n_subjects=3, n_labeled=2, shape=(64, 64, 8), seed=2)
+    env = {**os.environ, "RAGSEG_CACHE_DIR": str(tmp_path / "cache"), "RAGSEG_WEIGHTS_DIR": str(tmp_path / "w")}
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "ragseg.cli", *args], capture_output=True, text=True, env=env,
+                              timeout=900)
+
+    r = cli("finetune", str(root), str(root / "labels" / "final"), "--out", str(tmp_path / "dec"), "--epochs", "2",
+            "--modality", "CT")
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["epochs"] == 2 and res["epoch_s"] > 0 and 0 < res["best_metric"] <= 1
+    man = json.loads((tmp_path / "dec" / "manifest.json").read_text())
+    assert man["backbone"].startswith("litemedsam:") and man["labels"] == {"label_1": 1, "label_2": 2, "label_3": 3}
+    assert len(man["data_checksum"]) == 64 and len(man["history"]) == 2 and man["slices"] > 0
+
+    out = tmp_path / "seg.nii.gz"
+    r = cli("-v", "segment", str(root / "subject_02.nii.gz"), "--supports", str(root), "--decoder", str(tmp_path / "dec"),
+            "-o", str(out), "--modality", "CT", "-k", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "fine-tuned decoder" in r.stderr and "backend litemedsam" in r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["voxels_per_label"]["1"] > 0
+
+    # a decoder trained on another backbone (SAM 2) is refused with a clear message
+    r = cli("finetune", str(root), str(root / "labels" / "final"), "--out", str(tmp_path / "dec2"), "--epochs", "1",
+            "--backbone", "sam2", "--random-weights-for-testing", "--image-size", "128", "--modality", "CT")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = cli("segment", str(root / "subject_02.nii.gz"), "--supports", str(root), "--decoder", str(tmp_path / "dec2"),
+            "-o", str(out), "--backend", "litemedsam", "--modality", "CT")
+    assert r.returncode == 2 and "was trained for backbone" in r.stderr
