@@ -374,9 +374,11 @@ def test_label_all_via_server_interrupted_and_resumed(server):
 
 
 def test_missing_weights_reported_not_replaced_by_random(tmp_path):
-    """Without weights the server starts, /info and infer name the missing files and the fetch command."""
+    """rag-sam2 without weights: the server starts, /info and infer name the missing files and the fetch command."""
     make_dataset(tmp_path / "ds", n_subjects=3, n_labeled=1, shape=SHAPE)
-    srv = Server(tmp_path / "ds", tmp_path / "server.log", {"labels": "liver=1"},
+    # explicit backend and retrieval: `auto` would serve with LiteMedSAM (tests/test_server_litemedsam.py)
+    srv = Server(tmp_path / "ds", tmp_path / "server.log", {"labels": "liver=1", "backend": "rag-sam2",
+                                                            "retrieval": "dinov2"},
                  env={"RAGSEG_WEIGHTS_DIR": str(tmp_path / "weights")}).start()
     try:
         st = srv.wait_for(lambda i: len(i["ragseg"]["reasons"]) == 2, timeout=60)["ragseg"]
