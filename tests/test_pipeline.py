@@ -168,8 +168,10 @@ def test_cli_errors_are_one_line(tmp_path, dataset):
 
     p = run("segment", str(tmp_path / "nope.nii.gz"), "--supports", str(dataset))
     assert p.returncode == 2 and "nope.nii.gz: file does not exist" in p.stderr and "Traceback" not in p.stderr
-    # missing weights: the message names the file and the fetch command, nothing falls back
-    p = run("segment", str(dataset / "subject_03.nii.gz"), "--supports", str(dataset))
+    # rag-sam2 without weights: the message names the file and the fetch command, nothing falls back
+    # (with the default `--backend auto` it would segment with LiteMedSAM instead)
+    p = run("segment", str(dataset / "subject_03.nii.gz"), "--supports", str(dataset), "--backend", "rag-sam2",
+            "--retrieval", "dinov2")
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "ragseg weights fetch" in p.stderr and str(tmp_path / "w") in p.stderr
     empty = tmp_path / "empty"
