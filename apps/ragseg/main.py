@@ -32,7 +32,7 @@ class RagSegApp(MONAILabelApp):
     def init_datastore(self):
         if self.services.is_local():
             return self.services.local_datastore()  # validates labels, writes them atomically
-        return super().init_datastore()
+        return self.services.remote_datastore(super().init_datastore())
 
     def init_infers(self):
         s = self.services

@@ -4,27 +4,33 @@ OHIF saves segmentations to the PACS as DICOM SEG; MONAI Label's DICOMweb datast
 them only by searching. ``get_labeled_images`` there returns *image* series ids, while
 ``get_label_uri`` wants the *SEG* series id, and it caches the converted NIfTI under the image id,
 so a newer SEG for the same image would be hidden behind the stale file; and it converts a SEG to
-its own (cropped) grid, not the image's. This module finds the (image, SEG) pairs itself, keeps
-the newest SEG per image, and converts it onto the image grid.
+its own (cropped) grid, not the image's, with segment numbers as label values (OHIF numbers
+segments by sorted name). This module finds the (image, SEG) pairs itself, keeps the newest SEG
+per image, and converts it onto the image grid with values chosen by segment name; and its
+datastore writes SEGs with correct segment names and codes (``ragseg.seg``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
+from monailabel.datastore.dicom import DICOMWebDatastore
 
 from ..errors import InputError
-from ..volume import Volume, load_image, save_label
+from ..seg import read_seg_labels, write_seg
+from ..volume import load_image, save_label
 
 logger = logging.getLogger(__name__)
 
 
 def is_dicomweb(datastore) -> bool:
-    from monailabel.datastore.dicom import DICOMWebDatastore
-
     return isinstance(datastore, DICOMWebDatastore)
 
 
@@ -58,73 +64,80 @@ def _h(uid: str) -> str:
     return hashlib.sha1(uid.encode()).hexdigest()[:16]
 
 
-def seg_onto_image_grid(seg_file: str | Path, image: Volume) -> np.ndarray:
-    """A DICOM SEG as a label array on ``image``'s grid.
-
-    SEG writers store only the frames that hold a segment, so the SEG's own grid is usually a
-    slab of the image's. It is placed back by its affine; a SEG whose grid is not an integer
-    sub-grid of the image (other spacing, orientation, or off-grid) is rejected.
-    """
-    import pydicom
-    import pydicom_seg
-    import SimpleITK as sitk
-
-    try:
-        res = pydicom_seg.MultiClassReader().read(pydicom.dcmread(str(seg_file)))
-    except Exception as e:
-        raise InputError(seg_file, f"not a readable DICOM SEG ({type(e).__name__}: {e})") from e
-    img = res.image  # SimpleITK, LPS
-    arr = sitk.GetArrayFromImage(img).transpose(2, 1, 0)  # -> i, j, k
-    d = np.array(img.GetDirection()).reshape(3, 3) * np.array(img.GetSpacing())[None, :]
-    aff = np.eye(4)
-    aff[:3, :3], aff[:3, 3] = d, np.array(img.GetOrigin())
-    aff = np.diag([-1.0, -1.0, 1.0, 1.0]) @ aff  # LPS -> RAS
-    m = np.linalg.inv(image.affine) @ aff  # SEG voxel -> image voxel
-    off = m[:3, 3]
-    if not (np.allclose(m[:3, :3], np.eye(3), atol=1e-3) and np.allclose(off, np.round(off), atol=1e-2)):
-        raise InputError(seg_file, "SEG geometry does not match its image series (spacing, orientation or "
-                                   "position differ); rejected")
-    o = np.round(off).astype(int)
-    if (o < 0).any() or (o + np.array(arr.shape) > np.array(image.shape)).any():
-        raise InputError(seg_file, f"SEG extends outside its image series (offset {o.tolist()}, "
-                                   f"SEG {arr.shape}, image {image.shape}); rejected")
-    out = np.zeros(image.shape, dtype=np.uint8 if arr.max() < 256 else np.uint16)
-    out[o[0]:o[0] + arr.shape[0], o[1]:o[1] + arr.shape[1], o[2]:o[2] + arr.shape[2]] = arr
-    return out
-
-
 class DicomwebLabels:
     """(image, label) NIfTI files for a DICOMweb datastore, converted from the newest SEG per image.
 
-    Converted labels are cached as ``<cache>/<h(image UID)>__<h(SEG UID)>.nii.gz`` (short hashes:
-    UIDs make file names too long): a new SEG gives a new file (so a new checksum and a re-index);
-    an unchanged SEG is never converted twice.
+    Converted labels are cached as ``<cache>/<h(image UID)>__<h(SEG UID)>_<h(names)>.nii.gz``
+    (short hashes: UIDs make file names too long): a new SEG, or new configured names, give a new file
+    (so a new checksum and a re-index); an unchanged SEG is never converted twice. Segments whose
+    names are not among ``names()`` get new values, remembered in ``<cache>/names.json``.
     """
 
-    def __init__(self, datastore, cache_dir: str | Path):
+    def __init__(self, datastore, cache_dir: str | Path, names: Callable[[], dict[str, int]] | None = None):
         self.ds = datastore
         self.cache = Path(cache_dir)
+        self.names = names or (lambda: {})
         self.rejected: dict[str, str] = {}  # SEG UID -> why
+        self.unavailable: set[str] = set()  # image UIDs whose SEG/series could not be fetched last time
+
+    @property
+    def extra_names(self) -> dict[str, int]:
+        """Names found in SEGs beyond the configured labels (name -> value)."""
+        try:
+            return json.loads((self.cache / "names.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _all_names(self) -> dict[str, int]:
+        names = dict(self.extra_names)
+        names.update(self.names())
+        return names
+
+    def _remember(self, arr_names: dict[str, int]) -> None:
+        extra = self.extra_names
+        new = {k: v for k, v in arr_names.items() if k not in extra and k not in self.names()}
+        if not new:
+            return
+        extra.update(new)
+        self.cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.cache, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(extra, f)
+        os.replace(tmp, self.cache / "names.json")
 
     def _label_file(self, image_uid: str, seg_uid: str, image_path: str) -> Path | None:
         from monailabel.datastore.utils.dicom import dicom_web_download_series
 
-        out = self.cache / f"{_h(image_uid)}__{_h(seg_uid)}.nii.gz"
+        names = self._all_names()
+        # the configured names decide the values (extra names only ever grow, never re-map)
+        out = self.cache / f"{_h(image_uid)}__{_h(seg_uid)}_{_h(json.dumps(sorted(self.names().items())))[:8]}.nii.gz"
         if out.exists():
             return out
         if seg_uid in self.rejected:
             return None
         seg_dir = self.cache / "seg" / _h(seg_uid)
         if not seg_dir.is_dir() or not any(seg_dir.iterdir()):
-            dicom_web_download_series(None, seg_uid, str(seg_dir), self.ds._client, False)
+            self.cache.mkdir(parents=True, exist_ok=True)
+            part = Path(tempfile.mkdtemp(dir=self.cache, prefix=".seg-download-"))
+            try:  # into a temp folder, then renamed: a download cut off by the PACS leaves nothing
+                dicom_web_download_series(None, seg_uid, str(part), self.ds._client, False)
+                if not any(part.iterdir()):
+                    raise OSError(f"SEG {seg_uid} download returned no files")
+                seg_dir.parent.mkdir(parents=True, exist_ok=True)
+                if seg_dir.exists():
+                    shutil.rmtree(seg_dir)
+                os.replace(part, seg_dir)
+            finally:
+                shutil.rmtree(part, ignore_errors=True)
         files = sorted(p for p in seg_dir.iterdir() if p.is_file())
         img = load_image(image_path)
         try:
-            arr = seg_onto_image_grid(files[0], img)
+            arr, new = read_seg_labels(files[0], img, names)
         except InputError as e:
             self.rejected[seg_uid] = str(e)
             logger.warning("%s", e)
             return None
+        self._remember(new)
         for old in self.cache.glob(f"{_h(image_uid)}__*.nii.gz"):  # the replaced SEG's conversion
             old.unlink(missing_ok=True)
         save_label(out, arr, img)
@@ -133,17 +146,97 @@ class DicomwebLabels:
     def items(self) -> list[tuple[str, str, str]]:
         """[(image id, image NIfTI path, label NIfTI path)] for every image with a usable SEG."""
         out = []
-        for image_uid, seg_uid in sorted(seg_pairs(self.ds).items()):
+        unavailable = set()
+        for image_uid, seg_uid in sorted(seg_pairs(self.ds).items()):  # raises when the PACS is down
             try:
                 img = self.ds.get_image_uri(image_uid)
                 lab = self._label_file(image_uid, seg_uid, img)
             except Exception as e:  # PACS down, conversion failure: retried at the next reconcile
                 logger.warning("cannot fetch %s / SEG %s: %s", image_uid, seg_uid, e)
+                unavailable.add(image_uid)
                 continue
             if lab is not None:
                 out.append((image_uid, img, str(lab)))
+        self.unavailable = unavailable
         return out
 
     def label_path(self, image_uid: str) -> str | None:
         hits = sorted(self.cache.glob(f"{_h(image_uid)}__*.nii.gz"))
         return str(hits[-1]) if hits else None
+
+
+def label_names_by_value(label_info: dict | None, names: dict[str, int]) -> dict[int, str]:
+    """value -> name: a client's ``label_info`` ([{"name", "idx"}], as Slicer sends) over ``names``."""
+    out = {int(v): str(k) for k, v in names.items()}
+    for li in (label_info or {}).get("label_info") or []:
+        if isinstance(li, dict) and "name" in li and "idx" in li:
+            try:
+                out[int(li["idx"])] = str(li["name"])
+            except (TypeError, ValueError):
+                continue
+    return out
+
+
+def seg_writing(datastore, names: Callable[[], dict[str, int]]):
+    """Make a MONAI Label DICOMweb datastore write final labels as SEGs with correct names and codes.
+
+    The instance's class is swapped for :class:`SegDicomwebDatastore` rather than building a new
+    one, because MONAI Label builds the DICOMweb client and the cache folder (with its file
+    watcher) in one place that a subclass cannot reach.
+    """
+    if isinstance(datastore, DICOMWebDatastore):
+        datastore.__class__ = SegDicomwebDatastore
+        datastore.label_names = names
+    return datastore
+
+
+class SegDicomwebDatastore(DICOMWebDatastore):
+    """``save_label`` for a PACS: validate, write a SEG named and coded by value, STOW it."""
+
+    label_names: Callable[[], dict[str, int]] = staticmethod(lambda: {})
+
+    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict,
+                   label_id: str = "") -> str:
+        from fastapi import HTTPException
+        from monailabel.datastore.local import LocalDatastore
+        from monailabel.datastore.utils.convert import binary_to_image
+        from monailabel.datastore.utils.dicom import dicom_web_upload_dcm
+        from monailabel.interfaces.datastore import DefaultLabelTag
+
+        from ..volume import load_label
+
+        image_uri = self.get_image_uri(image_id)
+        if not image_uri:
+            raise HTTPException(404, f"unknown image id {image_id!r}: no such series in the PACS")
+        tmp_files = []
+        try:
+            if "".join(Path(label_filename).suffixes) == ".bin":  # OHIF v2 style raw upload
+                label_filename = binary_to_image(image_uri, label_filename)
+                tmp_files.append(label_filename)
+            try:
+                load_label(label_filename, like=load_image(image_uri))
+            except InputError as e:
+                raise HTTPException(422, f"label for {image_id!r} rejected: {e.problem}") from e
+            label_info = dict(label_info or {})
+            if label_tag == DefaultLabelTag.FINAL:
+                series_dir = os.path.realpath(os.path.join(self._datastore.image_path(), image_id))
+                seg_file = Path(tempfile.mkdtemp(prefix="ragseg_seg_")) / "seg.dcm"
+                tmp_files.append(str(seg_file))
+                try:
+                    write_seg(label_filename, series_dir, label_names_by_value(label_info, self.label_names()),
+                              seg_file)
+                except InputError as e:
+                    raise HTTPException(422, f"label for {image_id!r} rejected: {e.problem}") from e
+                try:
+                    seg_uid = dicom_web_upload_dcm(str(seg_file), self._client)
+                except Exception as e:  # PACS down: nothing was stored anywhere, the client may retry
+                    raise HTTPException(503, f"could not store the SEG in the PACS ({type(e).__name__}: {e}); "
+                                             "the label was not saved, retry when the PACS is back") from e
+                info = self.get_image_info(image_id)
+                label_info.update({"SeriesInstanceUID": seg_uid, "Modality": info.get("Modality"),
+                                   "PatientID": info.get("PatientID"),
+                                   "StudyInstanceUID": info.get("StudyInstanceUID")})
+            return LocalDatastore.save_label(self, image_id, label_filename, label_tag, label_info)
+        finally:
+            for f in tmp_files:
+                Path(f).unlink(missing_ok=True)

@@ -36,6 +36,7 @@ from ..volume import (
     load_image,
     load_label,
     save_label,
+    slices_descending_along_normal,
 )
 from .components import Components, ModelUnavailable
 
@@ -197,8 +198,11 @@ class RagSegInfer(InferTask):
         names, by_value = self._names()
         fd, result_file = tempfile.mkstemp(suffix=ext, prefix="ragseg_")
         os.close(fd)
+        grid = vol
+        if ext.endswith(".nrrd"):  # same geometry, voxel order OHIF's panel expects (it ignores the header)
+            out, grid = slices_descending_along_normal(out, vol)
         try:
-            save_label(result_file, out, vol, dtype=dtype)
+            save_label(result_file, out, grid, dtype=dtype)
         except InputError as e:
             raise HTTPException(422, str(e)) from e
         name_of = lambda v: by_value.get(v, f"label_{v}")  # noqa: E731

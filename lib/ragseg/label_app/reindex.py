@@ -65,9 +65,13 @@ class Reindexer:
         self._wake = threading.Event()
         self.max_jobs_kept = max_jobs_kept
         self.last_reconcile: float | None = None
+        self.last_error: str | None = None
         self.pid = os.getpid()
-        self._dicomweb = (DicomwebLabels(datastore, components.index_dir / "dicomweb")
-                         if is_dicomweb(datastore) else None)
+        self._dicomweb = (DicomwebLabels(datastore, components.index_dir / "dicomweb",
+                                         names=lambda: dict(components.cfg.labels))
+                          if is_dicomweb(datastore) else None)
+        # images whose label could not be fetched in the last listing (PACS down): never dropped
+        self.unavailable: set[str] = set()
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -105,8 +109,12 @@ class Reindexer:
         with self._lock:
             jobs = [asdict(j) for j in list(self._jobs.values())[-20:]]
             pending = sorted(self._pending)
-        return {"pending": pending, "queue_length": self._q.qsize(), "last_reconcile": self.last_reconcile,
-                "recent_jobs": jobs, "worker_alive": bool(self._thread and self._thread.is_alive())}
+        st = {"pending": pending, "queue_length": self._q.qsize(), "last_reconcile": self.last_reconcile,
+              "recent_jobs": jobs, "worker_alive": bool(self._thread and self._thread.is_alive()),
+              "unavailable": sorted(self.unavailable), "last_error": self.last_error}
+        if self._dicomweb is not None:
+            st["rejected_segs"] = dict(self._dicomweb.rejected)
+        return st
 
     def wait_idle(self, timeout: float = 60.0) -> bool:
         """Block until nothing is queued or running (tests, scripts)."""
@@ -124,17 +132,22 @@ class Reindexer:
         """Every image with a final label, as (id, image path, label path)."""
         ds = self.datastore
         if self._dicomweb is not None:
-            return [LabeledVolume(i, img, lab) for i, img, lab in self._dicomweb.items()]
+            items = [LabeledVolume(i, img, lab) for i, img, lab in self._dicomweb.items()]
+            self.unavailable = set(self._dicomweb.unavailable)
+            return items
         out = []
+        unavailable = set()
         for image_id in sorted(ds.get_labeled_images(FINAL)):
             try:
                 lab = ds.get_label_uri(image_id, FINAL)
                 img = ds.get_image_uri(image_id)
             except Exception as e:  # a remote datastore may fail for one item; others go on
                 logger.warning("cannot resolve %s: %s", image_id, e)
+                unavailable.add(image_id)
                 continue
             if lab and img and os.path.exists(lab) and os.path.exists(img):
                 out.append(LabeledVolume(image_id, img, lab))
+        self.unavailable = unavailable
         return out
 
     def reconcile(self) -> list[str]:
@@ -155,7 +168,7 @@ class Reindexer:
             if st is None or st["label_checksum"] != lc:
                 self.submit(it.image_id, "reconcile")
                 queued.append(it.image_id)
-        gone = set(stored) - {it.image_id for it in items}
+        gone = set(stored) - {it.image_id for it in items} - self.unavailable
         for image_id in gone:
             logger.info("label of %s is gone: removing it from the index", image_id)
             index.remove_image(image_id)
@@ -170,10 +183,12 @@ class Reindexer:
             if now >= next_reconcile:
                 try:
                     self.reconcile()
+                    self.last_error = None
                 except RagsegError as e:  # models missing: nothing to do until they appear
                     logger.debug("reconcile skipped: %s", e)
-                except Exception:
-                    logger.exception("reconcile failed")
+                except Exception as e:  # e.g. the PACS is down: nothing is removed, retried next round
+                    self.last_error = f"reconcile failed: {type(e).__name__}: {e}"
+                    logger.warning("%s", self.last_error)
                 next_reconcile = time.time() + self.interval
             try:
                 job_id = self._q.get(timeout=max(0.05, min(self.interval, next_reconcile - time.time())))
@@ -193,6 +208,9 @@ class Reindexer:
         try:
             item = next((it for it in self.labeled_items() if it.image_id == job.image), None)
             index = self.c.index()
+            if item is None and job.image in self.unavailable:
+                raise RagsegError("its label cannot be fetched now (datastore unreachable); retried at the next "
+                                  "reconcile, the index keeps what it had")
             if item is None:
                 index.remove_image(job.image)
                 job.state = "skipped"

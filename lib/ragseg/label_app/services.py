@@ -16,7 +16,7 @@ from fastapi import HTTPException
 
 from .components import Components
 from .config import AppConfig
-from .dicomweb import is_dicomweb
+from .dicomweb import is_dicomweb, seg_writing
 from .reindex import Reindexer
 
 logger = logging.getLogger(__name__)
@@ -50,12 +50,24 @@ class Services:
                                         auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
                                         read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY)
 
+    def remote_datastore(self, datastore):
+        """MONAI Label's remote datastore; a DICOMweb one writes SEGs with correct names and codes."""
+        return seg_writing(datastore, lambda: dict(self.cfg.labels))
+
     def start(self, datastore) -> None:
         """Server process only: load models and start re-indexing (never in train subprocesses)."""
         if self._started:
             return
         self._started = True
         self.datastore = datastore
+        try:  # the web app exists only in the server process
+            import monailabel.app
+
+            from .ohif import install
+
+            install(monailabel.app.app)
+        except Exception as e:  # the viewer is optional; the API works without it
+            logger.warning("could not install the fixed /ohif route: %s", e)
         self.reindexer = Reindexer(self.components, datastore, interval=self.cfg.reconcile_interval)
 
         def boot():
@@ -85,6 +97,9 @@ class Services:
 
     def _label_names(self) -> dict[str, int]:
         names = dict(self.cfg.labels)
+        if self.reindexer is not None and self.reindexer._dicomweb is not None:  # names found in SEGs
+            for k, v in self.reindexer._dicomweb.extra_names.items():
+                names.setdefault(k, int(v))
         ds = self.datastore
         if ds is not None:
             try:
