@@ -8,7 +8,7 @@ import pytest
 
 from ragseg.dicom import write_series
 from ragseg.errors import InputError
-from ragseg.label_app.dicomweb import seg_onto_image_grid
+from ragseg.seg import seg_onto_image_grid
 from ragseg.synthetic import make_subject
 from ragseg.volume import canonical_slices, load_image
 
@@ -43,3 +43,59 @@ def test_seg_of_another_geometry_is_rejected(tmp_path):
     write_series(other.image, other.affine, tmp_path / "other")
     with pytest.raises(InputError, match="SEG geometry does not match its image series"):
         seg_onto_image_grid(seg, load_image(tmp_path / "other"))
+
+
+@pytest.mark.slow
+def test_written_seg_names_and_codes_follow_label_values(tmp_path):
+    """Each label value becomes a segment named and SNOMED-coded by its name (value 2 absent here)."""
+    import pydicom
+
+    from ragseg.seg import write_seg
+    from ragseg.volume import Volume, save_label
+
+    s = make_subject(2, shape=(30, 28, 10))
+    lab = s.label.copy()
+    lab[lab == 2] = 0  # no spleen
+    lab[(lab == 0) & (s.image > 0)] = 0
+    lab[:3, :3, 4] = 7  # a structure with a name we have no code for
+    write_series(s.image, s.affine, tmp_path / "series")
+    save_label(tmp_path / "lab.nii.gz", lab, Volume(s.image, s.affine))
+    seg = write_seg(tmp_path / "lab.nii.gz", tmp_path / "series", {1: "liver", 2: "spleen", 3: "kidney", 7: "blob"},
+                    tmp_path / "seg.dcm")
+    ds = pydicom.dcmread(str(seg))
+    got = {str(x.SegmentLabel): (str(x.SegmentedPropertyTypeCodeSequence[0].CodeValue),
+                                 str(x.SegmentedPropertyTypeCodeSequence[0].CodingSchemeDesignator),
+                                 str(x.SegmentedPropertyCategoryCodeSequence[0].CodeValue))
+           for x in ds.SegmentSequence}
+    assert set(got) == {"liver", "kidney", "blob"}
+    assert got["liver"] == ("10200004", "SCT", "123037004")
+    assert got["kidney"] == ("64033007", "SCT", "123037004")
+    assert got["blob"][1:] == ("99RAGSEG", "85756007")
+    # and it reads back to the same values on the image grid
+    back = seg_onto_image_grid(seg, load_image(tmp_path / "series"), {"liver": 1, "spleen": 2, "kidney": 3, "blob": 7})
+    img = load_image(tmp_path / "series")
+    assert np.array_equal(canonical_slices(back, img.affine), canonical_slices(lab, s.affine))
+
+
+@pytest.mark.slow
+def test_seg_read_by_segment_name_not_number(tmp_path):
+    """OHIF numbers segments by sorted name (kidney=1, liver=2, spleen=3): values follow the names."""
+    from ragseg.seg import read_seg_labels, write_seg
+    from ragseg.volume import Volume, save_label
+
+    s = make_subject(3, shape=(30, 28, 10))
+    ohif = np.zeros_like(s.label)
+    for ours, theirs in ((1, 2), (2, 3), (3, 1)):
+        ohif[s.label == ours] = theirs
+    write_series(s.image, s.affine, tmp_path / "series")
+    save_label(tmp_path / "ohif.nii.gz", ohif, Volume(s.image, s.affine))
+    seg = write_seg(tmp_path / "ohif.nii.gz", tmp_path / "series", {1: "Kidney", 2: "liver", 3: "spleen"},
+                    tmp_path / "seg.dcm")
+    img = load_image(tmp_path / "series")
+    back, new = read_seg_labels(seg, img, {"liver": 1, "spleen": 2, "kidney": 3})
+    assert new == {}
+    assert np.array_equal(canonical_slices(back, img.affine), canonical_slices(s.label, s.affine))
+    # unknown names keep their number when free, else get the next free value, and are reported
+    back2, new2 = read_seg_labels(seg, img, {"liver": 3})
+    assert new2 == {"Kidney": 1, "spleen": 4}
+    assert set(np.unique(back2)) == {0, 1, 3, 4}

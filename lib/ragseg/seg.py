@@ -3,8 +3,9 @@
 A label map says "voxel value 2"; a DICOM SEG says "segment 3, SegmentLabel 'spleen', coded
 SCT 78961009". Writers number segments their own way: OHIF numbers them by the sorted label
 names (kidney=1, liver=2, spleen=3), while our label values come from ``--conf labels``
-(liver=1, spleen=2, kidney=3). So a SEG is always read by segment *name*, never by number, and
-written with each segment's number equal to its label value and a correct code for the name.
+(liver=1, spleen=2, kidney=3); dcmqi numbers them 1..n in order. So a SEG is always read by
+segment *name*, never by number, and written with each label value's segment named and coded
+by that value's name.
 
 MONAI Label's own ``nifti_to_dicom_seg`` names segments by position in ``label_info`` rather than
 by value and codes every segment as "Spleen" (SCT 78961009), which is why this module exists.
@@ -79,7 +80,7 @@ def _code(c: tuple[str, str, str]) -> dict:
 
 
 def segment_attributes(names_by_value: dict[int, str], values: list[int]) -> list[dict]:
-    """dcmqi ``segmentAttributes`` for the label ``values`` present: segment number = value."""
+    """dcmqi ``segmentAttributes`` for the label ``values`` present (``labelID`` = the voxel value)."""
     out = []
     for v in values:
         name = names_by_value.get(int(v), f"label_{int(v)}")
@@ -105,8 +106,9 @@ def write_seg(label_file: str | Path, series_dir: str | Path, names_by_value: di
               *, series_description: str = "ragseg labels", series_number: int = 300) -> Path:
     """Write the label map ``label_file`` (on the grid of the DICOM series in ``series_dir``) as a SEG.
 
-    Uses dcmqi's ``itkimage2segimage``, as MONAI Label does; every non-zero value becomes the
-    segment with that number, named from ``names_by_value`` and coded by :func:`codes_for`.
+    Uses dcmqi's ``itkimage2segimage``, as MONAI Label does; every non-zero value becomes a
+    segment named from ``names_by_value`` and coded by :func:`codes_for` (dcmqi numbers segments
+    1..n, so readers must go by name).
     Raises :class:`InputError` for an empty label map (a SEG needs at least one segment).
     """
     from .volume import load_label

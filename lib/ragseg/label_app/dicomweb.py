@@ -191,9 +191,33 @@ def seg_writing(datastore, names: Callable[[], dict[str, int]]):
 
 
 class SegDicomwebDatastore(DICOMWebDatastore):
-    """``save_label`` for a PACS: validate, write a SEG named and coded by value, STOW it."""
+    """MONAI Label's DICOMweb datastore with safe downloads and SEGs written by name.
+
+    ``get_image_uri``: the series is downloaded into a temp folder and renamed when complete
+    (MONAI Label downloads in place and treats any non-empty folder as done, so a PACS that drops
+    mid-series left a partial volume cached for good). ``save_label``: validate, write a SEG
+    named and coded by value, STOW it.
+    """
 
     label_names: Callable[[], dict[str, int]] = staticmethod(lambda: {})
+
+    def get_image_uri(self, image_id: str) -> str:
+        from monailabel.datastore.utils.dicom import dicom_web_download_series
+
+        root = self._datastore.image_path()
+        image_dir = os.path.realpath(os.path.join(root, image_id))
+        if not os.path.isdir(image_dir) or not os.listdir(image_dir):
+            part = tempfile.mkdtemp(dir=root, prefix=f".{image_id}.part-")
+            try:
+                dicom_web_download_series(None, image_id, part, self._client, self._fetch_by_frame)
+                if not os.listdir(part):
+                    raise OSError(f"series {image_id} download returned no files")
+                if os.path.exists(image_dir):
+                    shutil.rmtree(image_dir)
+                os.replace(part, image_dir)
+            finally:
+                shutil.rmtree(part, ignore_errors=True)
+        return super().get_image_uri(image_id)
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict,
                    label_id: str = "") -> str:

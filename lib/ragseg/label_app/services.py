@@ -148,7 +148,14 @@ class Services:
             raise HTTPException(404, f"unknown model {model!r}; available: {', '.join(sorted(infers))}")
         image = request.get("image")
         if isinstance(image, str) and image and not os.path.exists(image):
-            if not datastore.get_image_uri(image):
+            try:
+                uri = datastore.get_image_uri(image)
+            except HTTPException:
+                raise
+            except Exception as e:  # a PACS that is down or refuses: say so, the server keeps serving
+                raise HTTPException(503, f"cannot fetch image {image!r} from the image store "
+                                         f"({type(e).__name__}: {e}); is the PACS reachable? Retry when it is") from e
+            if not uri:
                 raise HTTPException(404, f"unknown image id {image!r}: no such image in the datastore")
             request["ragseg_image_id"] = image
         elif isinstance(image, str) and image:
