@@ -92,3 +92,82 @@ def test_seg_in_pacs_is_discovered_indexed_and_used(tmp_path):
         if srv:
             srv.stop()
         pacs.stop()
+
+
+def test_pacs_outage_fails_clearly_and_loses_nothing(tmp_path):
+    """Orthanc stopped: infer and save answer 503 with the reason, the server keeps serving and the
+    index keeps its labels; after a restart new SEGs are discovered; a SEG on another grid is
+    rejected with a message in /info."""
+    pacs = Orthanc(tmp_path / "orthanc").start()
+    srv = None
+    try:
+        subjects, series_dirs = [], []
+        for i in range(3):
+            s = make_subject(10 + i, shape=SHAPE)
+            d = tmp_path / f"series{i}"
+            write_series(s.image, s.affine, d, patient_id=f"P{i}")
+            pacs.stow(sorted(d.glob("*.dcm")))
+            subjects.append(s)
+            series_dirs.append(d)
+        pacs.stow([_seg_for(series_dirs[0], subjects[0].label, subjects[0].affine, tmp_path, "l0")])
+        uids = {js["00100020"]["Value"][0]: js["0020000E"]["Value"][0] for js in pacs.series("CT")}
+        conf = {"random_weights_for_testing": "true", "image_size": "128", "reconcile_interval": "1",
+                "index_dir": str(tmp_path / "ragseg"), "labels": "liver=1,spleen=2,kidney=3"}
+        srv = Server(tmp_path, tmp_path / "server.log", conf,
+                     env={"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(tmp_path / "dwcache")})
+        srv.start(studies_override=pacs.dicomweb)
+        t0 = time.time()
+        while time.time() - t0 < 120 and uids["P0"] not in _indexed(tmp_path / "ragseg"):
+            time.sleep(0.5)
+        before = _indexed(tmp_path / "ragseg")
+        assert uids["P0"] in before, srv.tail(40)
+
+        pacs.stop()
+        # infer on a series never fetched: a clear 5xx naming the cause, not a hang or a bare 500
+        status, body, _ = srv.request("POST", f"/infer/ragseg?image={uids['P1']}",
+                                      fields={"params": json.dumps({"k": 1})}, timeout=120)
+        assert status == 503 and b"PACS" in body, (status, body[:300])
+        # a save cannot reach the PACS either: 503, and nothing half-stored
+        lab = tmp_path / "lab1.nii.gz"
+        nib.save(nib.Nifti1Image(subjects[1].label, subjects[1].affine), lab)
+        with open(lab, "rb") as fh:
+            status, body, _ = srv.request("PUT", f"/datastore/label?image={uids['P1']}",
+                                          fields={"params": json.dumps({"label_info": []})},
+                                          files={"label": ("lab1.nii.gz", fh.read())}, timeout=120)
+        assert status >= 500, (status, body[:300])
+        assert not list((tmp_path / "dwcache").rglob(f"{uids['P1']}")), "a partial series was cached"
+        time.sleep(4)  # several reconcile rounds with the PACS down
+        info = srv.info()
+        assert info["ragseg"]["reindex"]["last_error"], info["ragseg"]["reindex"]
+        assert _indexed(tmp_path / "ragseg") == before, "labels were dropped from the index during the outage"
+
+        pacs.start()  # same storage, same port
+        # a SEG saved while the server was cut off from the PACS is discovered now
+        lab1 = subjects[1].label.copy()
+        lab1[..., :5] = 0
+        pacs.stow([_seg_for(series_dirs[1], lab1, subjects[1].affine, tmp_path, "l1")])
+        # and a SEG drawn on another grid (other spacing) than its series is rejected, with a reason
+        other = make_subject(12, shape=SHAPE, spacing=(1.0, 1.0, 2.0))
+        write_series(other.image, other.affine, tmp_path / "other", patient_id="P2",
+                     series_uid=uids["P2"])
+        bad = _seg_for(tmp_path / "other", other.label, other.affine, tmp_path, "bad")
+        pacs.stow([bad])
+        t0 = time.time()
+        while time.time() - t0 < 120:
+            idx = _indexed(tmp_path / "ragseg")
+            rejected = srv.info()["ragseg"]["reindex"].get("rejected_segs", {})
+            if uids["P1"] in idx and rejected:
+                break
+            time.sleep(0.5)
+        want1 = {int(z) for z in np.nonzero(lab1.any(axis=(0, 1)))[0]}
+        assert idx.get(uids["P1"]) == want1, srv.tail(40)
+        assert idx.get(uids["P0"]) == before[uids["P0"]]
+        assert uids["P2"] not in idx
+        assert any("geometry does not match" in why for why in rejected.values()), rejected
+        status, body, _ = srv.request("POST", f"/infer/ragseg?image={uids['P1']}&output=json",
+                                      fields={"params": json.dumps({"k": 1})})
+        assert status == 200, body[:300]
+    finally:
+        if srv:
+            srv.stop()
+        pacs.stop()
