@@ -49,16 +49,6 @@ STORE = """() => {
 }"""
 
 
-def _same_world_grid(a: Volume, b: Volume) -> np.ndarray:
-    """b's array on a's grid when the two grids differ only by the order of the third axis."""
-    if np.allclose(a.affine, b.affine, atol=1e-4):
-        return b.array
-    flip = np.eye(4)
-    flip[2, 2], flip[2, 3] = -1.0, a.shape[2] - 1
-    assert np.allclose(a.affine @ flip, b.affine, atol=1e-4), (a.affine, b.affine)
-    return b.array[:, :, ::-1]
-
-
 def _wait(pred, timeout: float, what: str):
     end = time.time() + timeout
     while time.time() < end:
@@ -69,18 +59,79 @@ def _wait(pred, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def _round_trip(page, srv, tmp_path, study: str, series: str, tag: str) -> tuple[dict, dict, np.ndarray, str]:
+    """Open ``study`` in OHIF, auto-segment, check the labelmap, save it as SEG. Returns timings,
+    voxels per label, the server's answer (on the image grid) and the stored SEG's series UID."""
+    t: dict[str, float] = {}
+    t0 = time.time()
+    page.goto(f"{srv.url}/ohif/monai-label?StudyInstanceUIDs={study}", wait_until="load", timeout=90_000)
+    page.wait_for_function("() => window.services && document.querySelectorAll('canvas').length > 0",
+                           timeout=90_000)
+    t["open_viewer_s"] = time.time() - t0
+
+    t0 = time.time()
+    url_box = page.locator("#monailabelServerURL")
+    url_box.fill(srv.url + "/")
+    url_box.locator("xpath=ancestor::tr[1]").locator("button").click()  # "connect"
+    page.get_by_text("Auto-Segmentation").first.wait_for(timeout=60_000)
+    t["connect_panel_s"] = time.time() - t0
+
+    t0 = time.time()
+    page.locator("button[title='Run Segmentation']").click()
+    page.get_by_text("Running Segmentation - Successful").wait_for(timeout=600_000)
+    t["auto_segmentation_s"] = time.time() - t0
+    state = page.evaluate(OHIF_STATE)
+    page.screenshot(path=str(browser_utils.ARTIFACTS / f"ohif_round_trip_{tag}.png"))
+
+    # the labelmap OHIF shows is the server's answer, labels matched by name
+    assert sorted(state["names"].values()) == sorted(NAMES), state["names"]
+    assert state["dims"] == list(SHAPE), state["dims"]
+    buf = np.array(state["data"], dtype=np.uint8)
+    assert buf.size == np.prod(SHAPE)
+    code, body, _ = srv.request("POST", f"/infer/ragseg?image={series}&output=image", fields={
+        "params": json.dumps({"result_extension": ".nrrd", "result_dtype": "uint8",
+                              "result_compress": False, "restore_label_idx": False})})
+    assert code == 200, body[:300]
+    (tmp_path / f"answer_{tag}.nrrd").write_bytes(body)
+    answer = load_label(tmp_path / f"answer_{tag}.nrrd")
+    shown = np.zeros_like(buf)
+    for k, v in state["names"].items():
+        shown[buf == int(k)] = NAMES[v]
+    raw = answer.array.transpose(2, 1, 0).ravel()  # NRRD voxel order, as the panel copies it
+    assert np.array_equal(shown, raw), "OHIF's labelmap differs from the server's answer"
+    per_label = {LABEL_NAMES[v]: int((raw == v).sum()) for v in LABEL_NAMES}
+    assert per_label["liver"] > 0 and per_label["spleen"] > 0, per_label
+
+    # save as DICOM SEG to the PACS the way OHIF does (STOW through MONAI Label's proxy)
+    t0 = time.time()
+    page.evaluate(STORE)
+    page.get_by_text("Enter the report name").wait_for(timeout=30_000)
+    page.get_by_text("Enter the report name").locator("xpath=following::input[1]").fill(f"ragseg {tag}")
+    page.get_by_role("button", name="Save").click()
+    page.wait_for_function("() => window.__stored || window.__storeError", timeout=120_000)
+    stored, err = page.evaluate("() => [window.__stored, window.__storeError]")
+    t["store_seg_s"] = time.time() - t0
+    assert err is None and stored not in (None, "cancelled"), err
+    return t, per_label, answer.array, stored
+
+
 def test_ohif_autosegment_save_seg_and_reindex(tmp_path):
+    """Both slice orders a PACS holds: InstanceNumber ascending and descending along the normal."""
     from playwright.sync_api import sync_playwright
 
-    timings: dict[str, float] = {}
     pacs = Orthanc(tmp_path / "orthanc").start()
     srv = None
     try:
         series_dirs, subjects = [], []
-        for i in range(2):
+        for i, order in enumerate(("ascending", "ascending", "descending")):
             s = make_subject(i, shape=SHAPE)
+            img, aff = s.image, s.affine
+            if order == "descending":  # same anatomy, slices numbered from the top
+                flip = np.eye(4)
+                flip[2, 2], flip[2, 3] = -1.0, SHAPE[2] - 1
+                img, aff = img[:, :, ::-1], aff @ flip
             d = tmp_path / f"series{i}"
-            write_series(s.image, s.affine, d, patient_id=f"P{i}")
+            write_series(img, aff, d, patient_id=f"P{i}")
             pacs.stow(sorted(d.glob("*.dcm")))
             series_dirs.append(d)
             subjects.append(s)
@@ -100,85 +151,37 @@ def test_ohif_autosegment_save_seg_and_reindex(tmp_path):
                         None)
 
         _wait(lambda: job_done(uid["P0"][1]), 120, "the SEG in the PACS at startup to be indexed")
-        study, series = uid["P1"]
         browser_utils.ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        report = {}
         with sync_playwright() as p:
             ctx = browser_utils.launch(p, tmp_path / "chromium-profile")
             page = ctx.new_page()
             errors: list[str] = []
             page.on("pageerror", lambda e: errors.append(str(e)))
-            t0 = time.time()
-            page.goto(f"{srv.url}/ohif/monai-label?StudyInstanceUIDs={study}", wait_until="load", timeout=90_000)
-            page.wait_for_function("() => window.services && document.querySelectorAll('canvas').length > 0",
-                                   timeout=90_000)
-            timings["open_viewer_s"] = time.time() - t0
-
-            t0 = time.time()
-            url_box = page.locator("#monailabelServerURL")
-            url_box.fill(srv.url + "/")
-            url_box.locator("xpath=ancestor::tr[1]").locator("button").click()  # "connect"
-            page.get_by_text("Auto-Segmentation").first.wait_for(timeout=60_000)
-            timings["connect_panel_s"] = time.time() - t0
-
-            t0 = time.time()
-            page.locator("button[title='Run Segmentation']").click()
-            page.get_by_text("Running Segmentation - Successful").wait_for(timeout=600_000)
-            timings["auto_segmentation_s"] = time.time() - t0
-            state = page.evaluate(OHIF_STATE)
-            shot = browser_utils.ARTIFACTS / "ohif_round_trip.png"
-            page.screenshot(path=str(shot))
-
-            # the labelmap OHIF shows is the server's answer, labels matched by name
-            assert sorted(state["names"].values()) == sorted(NAMES), state["names"]
-            assert state["dims"] == list(SHAPE), state["dims"]
-            buf = np.array(state["data"], dtype=np.uint8)
-            assert buf.size == np.prod(SHAPE)
-            code, body, _ = srv.request("POST", f"/infer/ragseg?image={series}&output=image", fields={
-                "params": json.dumps({"result_extension": ".nrrd", "result_dtype": "uint8",
-                                      "result_compress": False, "restore_label_idx": False})})
-            assert code == 200, body[:300]
-            (tmp_path / "answer.nrrd").write_bytes(body)
-            answer = load_label(tmp_path / "answer.nrrd")
-            to_value = {int(k): NAMES[v] for k, v in state["names"].items()}
-            shown = np.zeros_like(buf)
-            for k, v in to_value.items():
-                shown[buf == int(k)] = v
-            raw = answer.array.transpose(2, 1, 0).ravel()  # NRRD voxel order, as the panel copies it
-            assert np.array_equal(shown, raw), "OHIF's labelmap differs from the server's answer"
-            per_label = {LABEL_NAMES[v]: int((raw == v).sum()) for v in LABEL_NAMES}
-            assert per_label["liver"] > 0 and per_label["spleen"] > 0, per_label
-
-            # save as DICOM SEG to the PACS the way OHIF does (STOW through MONAI Label's proxy)
-            t0 = time.time()
-            page.evaluate(STORE)
-            page.get_by_text("Enter the report name").wait_for(timeout=30_000)
-            page.get_by_text("Enter the report name").locator("xpath=following::input[1]").fill("ragseg round trip")
-            page.get_by_role("button", name="Save").click()
-            page.wait_for_function("() => window.__stored || window.__storeError", timeout=120_000)
-            stored, err = page.evaluate("() => [window.__stored, window.__storeError]")
-            timings["store_seg_s"] = time.time() - t0
-            assert err is None and stored not in (None, "cancelled"), err
+            for patient, tag in (("P1", "ascending"), ("P2", "descending")):
+                study, series = uid[patient]
+                timings, per_label, answer, stored = _round_trip(page, srv, tmp_path, study, series, tag)
+                # the SEG is discovered in the PACS and indexed, without any PUT /datastore/label
+                t0 = time.time()
+                job = _wait(lambda series=series: job_done(series), 180, f"the {tag} SEG saved from OHIF to be indexed")
+                timings["seg_to_index_s"] = time.time() - t0
+                assert job["slices"] == int((answer.reshape(-1, SHAPE[2]) > 0).any(axis=0).sum())
+                assert [js for js in pacs.series("SEG") if js["0020000E"]["Value"][0] == stored], "SEG not in Orthanc"
+                # what was indexed is the server's answer, voxel for voxel on the image grid, with
+                # OHIF's segment numbers (kidney=1, liver=2, spleen=3) mapped back by name
+                conv = sorted((tmp_path / "ragseg" / "dicomweb").glob(f"{uid_key(series)}__*.nii.gz"))
+                assert len(conv) == 1, conv
+                indexed = load_label(conv[0]).array
+                assert np.array_equal(indexed, answer), (
+                    f"{tag}: the label indexed from OHIF's SEG differs from what OHIF showed "
+                    f"(mirrored along the slices: {np.array_equal(indexed[:, :, ::-1], answer)})")
+                timings["total_s"] = sum(timings.values())
+                report[tag] = {"timings": {k: round(v, 2) for k, v in timings.items()}, "voxels_per_label": per_label,
+                               "screenshot": str(browser_utils.ARTIFACTS / f"ohif_round_trip_{tag}.png")}
+                print(f"OHIF round trip ({tag}):", report[tag])
             ctx.close()
         assert not [e for e in errors if "WebGL" in e], errors
-
-        # the SEG is discovered in the PACS and indexed, without any PUT /datastore/label
-        t0 = time.time()
-        job = _wait(lambda: job_done(series), 180, "the SEG saved from OHIF to be indexed")
-        timings["seg_to_index_s"] = time.time() - t0
-        assert job["slices"] == int((answer.array.reshape(-1, SHAPE[2]) > 0).any(axis=0).sum())
-        seg_series = [js for js in pacs.series("SEG") if js["0020000E"]["Value"][0] == stored]
-        assert seg_series, "OHIF's SEG is not in Orthanc"
-        # what was indexed is the server's answer, voxel for voxel, with OHIF's segment numbers
-        # (kidney=1, liver=2, spleen=3) mapped back to our values by name
-        conv = sorted((tmp_path / "ragseg" / "dicomweb").glob(f"{uid_key(series)}__*.nii.gz"))
-        assert len(conv) == 1, conv
-        labels_from_seg = load_label(conv[0])
-        assert np.array_equal(labels_from_seg.array, _same_world_grid(labels_from_seg, answer))
-        timings["total_s"] = sum(timings.values())
-        (browser_utils.ARTIFACTS / "ohif_round_trip.json").write_text(json.dumps(
-            {"timings": {k: round(v, 2) for k, v in timings.items()}, "screenshot": str(shot),
-             "voxels_per_label": per_label}, indent=1))
-        print("OHIF round trip:", {k: round(v, 1) for k, v in timings.items()}, "screenshot:", shot)
+        (browser_utils.ARTIFACTS / "ohif_round_trip.json").write_text(json.dumps(report, indent=1))
     finally:
         if srv:
             srv.stop()

@@ -99,3 +99,23 @@ def test_seg_read_by_segment_name_not_number(tmp_path):
     back2, new2 = read_seg_labels(seg, img, {"liver": 3})
     assert new2 == {"Kidney": 1, "spleen": 4}
     assert set(np.unique(back2)) == {0, 1, 3, 4}
+
+
+def test_instance_order_along_the_normal(tmp_path):
+    from ragseg.seg import instances_ascend_along_normal, written_by_dcmjs
+
+    s = make_subject(4, shape=(12, 10, 5))
+    write_series(s.image, s.affine, tmp_path / "up")
+    flip = np.eye(4)
+    flip[2, 2], flip[2, 3] = -1.0, 4
+    write_series(s.image[:, :, ::-1], s.affine @ flip, tmp_path / "down")
+    assert instances_ascend_along_normal(tmp_path / "up") is True
+    assert instances_ascend_along_normal(tmp_path / "down") is False
+    assert instances_ascend_along_normal(tmp_path / "nothing") is None
+    import pydicom
+
+    ds = pydicom.Dataset()
+    assert not written_by_dcmjs(ds)
+    ds.Manufacturer, ds.ManufacturerModelName, ds.SoftwareVersions, ds.DeviceSerialNumber = (
+        "Unspecified", "Unspecified", "0", "1")
+    assert written_by_dcmjs(ds)

@@ -233,3 +233,45 @@ def read_seg_labels(seg_file: str | Path, image: Volume,
     out = np.zeros(image.shape, dtype=np.uint8 if arr.max() < 256 else np.uint16)
     out[o[0]:o[0] + arr.shape[0], o[1]:o[1] + arr.shape[1], o[2]:o[2] + arr.shape[2]] = arr
     return out, new
+
+
+# What dcmjs (OHIF's SEG writer) puts in every SEG it derives; no other writer we know of leaves
+# this exact combination of placeholders.
+DCMJS_FINGERPRINT = {"Manufacturer": "Unspecified", "ManufacturerModelName": "Unspecified",
+                     "SoftwareVersions": "0", "DeviceSerialNumber": "1"}
+
+
+def written_by_dcmjs(ds) -> bool:
+    """True for a SEG exported by OHIF (dcmjs), judged by the placeholders it writes."""
+    return all(str(ds.get(k, "")) == v for k, v in DCMJS_FINGERPRINT.items())
+
+
+def instances_ascend_along_normal(series_dir: str | Path) -> bool | None:
+    """Whether InstanceNumber grows along the slice normal (row x column) in a DICOM series folder.
+
+    None when it cannot be told (no files, missing tags, mixed order). The bundled OHIF 3.x writes
+    labelmap slice ``k`` (ascending along the normal, as displayed) onto the image that is
+    ``K-1-k``-th by InstanceNumber when it exports a SEG; for series whose InstanceNumber ascends
+    along the normal that mirrors the SEG along the slice axis (measured in ``tests/test_ohif.py``
+    with both orders; cf. OHIF issues #5038, #5183).
+    """
+    import pydicom
+
+    pos = []
+    for f in sorted(Path(series_dir).glob("*")):
+        try:
+            d = pydicom.dcmread(str(f), stop_before_pixels=True)
+            iop = np.asarray(d.ImageOrientationPatient, dtype=float)
+            n = np.cross(iop[:3], iop[3:])
+            pos.append((int(d.InstanceNumber), float(np.dot(np.asarray(d.ImagePositionPatient, float), n))))
+        except Exception:  # not a DICOM image of the series (or missing tags)
+            continue
+    if len(pos) < 2:
+        return None
+    z = np.array([p for _, p in sorted(pos)])
+    dz = np.diff(z)
+    if (dz > 0).all():
+        return True
+    if (dz < 0).all():
+        return False
+    return None

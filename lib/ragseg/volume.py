@@ -378,22 +378,6 @@ def _atomic_target(path: Path) -> tuple[int, str]:
     return tempfile.mkstemp(prefix=".partial-", suffix=_ext_of(path) or ".tmp", dir=str(path.parent))
 
 
-def slices_descending_along_normal(label: np.ndarray, like: Volume) -> tuple[np.ndarray, Volume]:
-    """The same label on the same world grid, stored with its third axis descending along the normal.
-
-    The normal is ``d_i x d_j`` (DICOM's row x column direction for a series converted by ITK, whose
-    slice axis ascends along it). Readers that honour the header (Slicer, ITK, nibabel) see the same
-    label either way; OHIF's MONAI Label panel copies NRRD voxels straight into its labelmap buffer,
-    whose slices run the other way, so NRRD results are written in this order.
-    """
-    a = like.affine
-    if float(np.dot(a[:3, 2], np.cross(a[:3, 0], a[:3, 1]))) <= 0:
-        return label, like
-    flip = np.eye(4)
-    flip[2, 2], flip[2, 3] = -1.0, like.shape[2] - 1
-    return label[:, :, ::-1], Volume(np.broadcast_to(np.uint8(0), like.shape), a @ flip, like.path)  # no copy
-
-
 def save_label(path: str | os.PathLike, label: np.ndarray, like: Volume,
                dtype: str | np.dtype = "uint8") -> Path:
     """Write a label map on ``like``'s grid (same shape and affine), atomically.

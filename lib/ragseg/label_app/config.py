@@ -92,6 +92,7 @@ class AppConfig:
     propagate: bool = False
     precompute_memories: bool = True
     reconcile_interval: float = 5.0
+    ohif_seg_fix: bool = True  # undo the bundled OHIF's z-mirrored SEG export (see ragseg.seg)
     random_weights_for_testing: bool = False
 
     @classmethod
@@ -138,7 +139,8 @@ class AppConfig:
                 val = _labels(key, v)
             elif key == "reconcile_interval":
                 val = _number(key, v, 0.5, 3600.0, float)
-            elif key in ("same_image_supports", "propagate", "precompute_memories", "random_weights_for_testing"):
+            elif key in ("same_image_supports", "propagate", "precompute_memories", "random_weights_for_testing",
+                         "ohif_seg_fix"):
                 val = _bool(key, v)
             else:  # free strings: paths, names
                 val = v

@@ -24,7 +24,7 @@ from pathlib import Path
 from monailabel.datastore.dicom import DICOMWebDatastore
 
 from ..errors import InputError
-from ..seg import read_seg_labels, write_seg
+from ..seg import instances_ascend_along_normal, read_seg_labels, write_seg, written_by_dcmjs
 from ..volume import load_image, save_label
 
 logger = logging.getLogger(__name__)
@@ -73,10 +73,12 @@ class DicomwebLabels:
     names are not among ``names()`` get new values, remembered in ``<cache>/names.json``.
     """
 
-    def __init__(self, datastore, cache_dir: str | Path, names: Callable[[], dict[str, int]] | None = None):
+    def __init__(self, datastore, cache_dir: str | Path, names: Callable[[], dict[str, int]] | None = None,
+                 ohif_seg_fix: bool = True):
         self.ds = datastore
         self.cache = Path(cache_dir)
         self.names = names or (lambda: {})
+        self.ohif_seg_fix = ohif_seg_fix
         self.rejected: dict[str, str] = {}  # SEG UID -> why
         self.unavailable: set[str] = set()  # image UIDs whose SEG/series could not be fetched last time
 
@@ -109,8 +111,9 @@ class DicomwebLabels:
         from monailabel.datastore.utils.dicom import dicom_web_download_series
 
         names = self._all_names()
-        # the configured names decide the values (extra names only ever grow, never re-map)
-        out = self.cache / f"{_h(image_uid)}__{_h(seg_uid)}_{_h(json.dumps(sorted(self.names().items())))[:8]}.nii.gz"
+        # the configured names (and the OHIF fix) decide the values; extra names only grow, never re-map
+        how = json.dumps([sorted(self.names().items()), self.ohif_seg_fix])
+        out = self.cache / f"{_h(image_uid)}__{_h(seg_uid)}_{_h(how)[:8]}.nii.gz"
         if out.exists():
             return out
         if seg_uid in self.rejected:
@@ -138,10 +141,22 @@ class DicomwebLabels:
             logger.warning("%s", e)
             return None
         self._remember(new)
+        if self.ohif_seg_fix and self._mirrored_by_ohif(files[0], image_uid):
+            arr = arr[:, :, ::-1]  # the converted series' third axis is the DICOM stacking axis
+            logger.info("SEG %s was exported by OHIF for a series numbered along its normal: mirrored "
+                        "along the slice axis (--conf ohif_seg_fix false to keep it as stored)", seg_uid)
         for old in self.cache.glob(f"{_h(image_uid)}__*.nii.gz"):  # the replaced SEG's conversion
             old.unlink(missing_ok=True)
         save_label(out, arr, img)
         return out
+
+    def _mirrored_by_ohif(self, seg_file: Path, image_uid: str) -> bool:
+        import pydicom
+
+        if not written_by_dcmjs(pydicom.dcmread(str(seg_file), stop_before_pixels=True)):
+            return False
+        series_dir = Path(self.ds._datastore.image_path()) / image_uid  # MONAI Label's downloaded series
+        return instances_ascend_along_normal(series_dir) is True
 
     def items(self) -> list[tuple[str, str, str]]:
         """[(image id, image NIfTI path, label NIfTI path)] for every image with a usable SEG."""

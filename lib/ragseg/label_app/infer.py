@@ -36,7 +36,6 @@ from ..volume import (
     load_image,
     load_label,
     save_label,
-    slices_descending_along_normal,
 )
 from .components import Components, ModelUnavailable
 
@@ -198,11 +197,10 @@ class RagSegInfer(InferTask):
         names, by_value = self._names()
         fd, result_file = tempfile.mkstemp(suffix=ext, prefix="ragseg_")
         os.close(fd)
-        grid = vol
-        if ext.endswith(".nrrd"):  # same geometry, voxel order OHIF's panel expects (it ignores the header)
-            out, grid = slices_descending_along_normal(out, vol)
         try:
-            save_label(result_file, out, grid, dtype=dtype)
+            # file voxel order (ITK's slice order for DICOM series) is also the order OHIF's panel
+            # copies NRRD voxels into, without reading the header
+            save_label(result_file, out, vol, dtype=dtype)
         except InputError as e:
             raise HTTPException(422, str(e)) from e
         name_of = lambda v: by_value.get(v, f"label_{v}")  # noqa: E731

@@ -68,7 +68,8 @@ class Reindexer:
         self.last_error: str | None = None
         self.pid = os.getpid()
         self._dicomweb = (DicomwebLabels(datastore, components.index_dir / "dicomweb",
-                                         names=lambda: dict(components.cfg.labels))
+                                         names=lambda: dict(components.cfg.labels),
+                                         ohif_seg_fix=components.cfg.ohif_seg_fix)
                           if is_dicomweb(datastore) else None)
         # images whose label could not be fetched in the last listing (PACS down): never dropped
         self.unavailable: set[str] = set()
