@@ -37,7 +37,9 @@ OHIF_STATE = """() => {
   for (const [k, v] of Object.entries(seg ? seg.segments : {})) { if (v) names[k] = v.label; }
   const vol = ss.getLabelmapVolume('1');
   const data = vol ? Array.from(vol.voxelManager.getCompleteScalarDataArray()) : [];
-  return {names, data, dims: vol ? Array.from(vol.dimensions) : null};
+  return {names, data, dims: vol ? Array.from(vol.dimensions) : null,
+          origin: vol ? Array.from(vol.origin) : null, direction: vol ? Array.from(vol.direction) : null,
+          spacing: vol ? Array.from(vol.spacing) : null};
 }"""
 
 STORE = """() => {
@@ -98,6 +100,12 @@ def _round_trip(page, srv, tmp_path, study: str, series: str, tag: str) -> tuple
     for k, v in state["names"].items():
         shown[buf == int(k)] = NAMES[v]
     raw = answer.array.transpose(2, 1, 0).ravel()  # NRRD voxel order, as the panel copies it
+    # and OHIF places that buffer where the answer's header says: buffer voxel (0,0,0) and the
+    # axes are the answer's, in LPS (OHIF draws labelmap slice k at this geometry)
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ answer.affine
+    assert np.allclose(state["origin"], lps[:3, 3], atol=1e-3), (state["origin"], lps[:3, 3])
+    assert np.allclose(np.reshape(state["direction"], (3, 3)) * np.array(state["spacing"])[:, None],
+                       lps[:3, :3].T, atol=1e-3), (state["direction"], lps[:3, :3])
     assert np.array_equal(shown, raw), "OHIF's labelmap differs from the server's answer"
     per_label = {LABEL_NAMES[v]: int((raw == v).sum()) for v in LABEL_NAMES}
     assert per_label["liver"] > 0 and per_label["spleen"] > 0, per_label

@@ -43,7 +43,8 @@ def make_subject(seed: int, shape: tuple[int, int, int] = (64, 64, 24),
     body = _ellipsoid(shape, (X / 2, Y / 2, Z / 2), (0.45 * X * j(0.05), 0.38 * Y * j(0.05), 0.7 * Z))
     img[body] = 30.0
     lab = np.zeros(shape, dtype=np.uint8)
-    # in RAS voxel order, low x = patient right: liver on the right, spleen on the left
+    # RAS voxel order: +x points to the patient's right, so low x is the patient's left and this
+    # "liver" sits on the left (mirror-image anatomy; harmless, supports and queries share it)
     liver = _ellipsoid(shape, (0.33 * X * j(0.08), 0.5 * Y * j(0.08), 0.6 * Z * j(0.1)),
                        (0.16 * X * j(0.15), 0.2 * Y * j(0.15), 0.3 * Z * j(0.15))) & body
     spleen = _ellipsoid(shape, (0.7 * X * j(0.06), 0.6 * Y * j(0.08), 0.62 * Z * j(0.1)),
