@@ -244,7 +244,11 @@ class SegDicomwebDatastore(DICOMWebDatastore):
 
         from ..volume import load_label
 
-        image_uri = self.get_image_uri(image_id)
+        try:
+            image_uri = self.get_image_uri(image_id)
+        except Exception as e:  # PACS down: nothing is stored anywhere, the client may retry
+            raise HTTPException(503, f"cannot fetch series {image_id!r} from the PACS ({type(e).__name__}: {e}); "
+                                     "the label was not saved, retry when the PACS is back") from e
         if not image_uri:
             raise HTTPException(404, f"unknown image id {image_id!r}: no such series in the PACS")
         tmp_files = []
