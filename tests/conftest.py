@@ -22,6 +22,18 @@ os.environ["PATH"] = f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.
 TEST_SAM2_SIZE = 256
 
 
+def pytest_runtest_setup(item):
+    """``needs_missing(why)``: skip with the reason, or fail under RAGSEG_REQUIRE_INTEGRATION=1."""
+    from .integration import REQUIRED
+
+    for m in item.iter_markers("needs_missing"):
+        why = m.args[0] if m.args else None
+        if why:
+            if REQUIRED:
+                pytest.fail(f"RAGSEG_REQUIRE_INTEGRATION=1 and {why}", pytrace=False)
+            pytest.skip(why)
+
+
 @pytest.fixture(scope="session")
 def sam2_model():
     from ragseg.sam2_model import build_sam2

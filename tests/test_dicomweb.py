@@ -12,11 +12,11 @@ import pytest
 from ragseg.dicom import write_series
 from ragseg.synthetic import make_subject
 
+from .integration import needs
 from .orthanc_utils import MISSING, Orthanc
 from .server_utils import Server
 
-pytestmark = [pytest.mark.server, pytest.mark.slow,
-              pytest.mark.skipif(MISSING is not None, reason=MISSING or "")]
+pytestmark = [pytest.mark.server, pytest.mark.slow, needs(MISSING)]
 
 SHAPE = (40, 36, 12)
 

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from .integration import needs, shared_missing
+
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "totalseg-examples"
 
 
@@ -25,7 +27,7 @@ def _dice(a, b):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (SHARED / "ct.nii.gz").exists(), reason="../shared/data/totalseg-examples is absent")
+@needs(shared_missing("totalseg-examples/ct.nii.gz"))
 def test_ground_truth_box_prompt_segments_liver(lite):
     """Dice of a ground-truth-box prompt on real CT liver slices (TotalSegmentator class 5) > 0.7."""
     from ragseg.litemedsam import bounding_box
@@ -62,7 +64,7 @@ def test_channels_last_and_batching_agree(lite, rng):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (SHARED / "ct.nii.gz").exists(), reason="../shared/data/totalseg-examples is absent")
+@needs(shared_missing("totalseg-examples/ct.nii.gz"))
 def test_prototype_prompt_intra_volume(lite):
     """Training-free mode: 3 labeled slices per organ -> prototype box prompt on other slices of the same CT."""
     import torch

@@ -21,12 +21,12 @@ from ragseg.synthetic import LABEL_NAMES, make_subject
 from ragseg.volume import Volume, load_label, save_label
 
 from . import browser_utils
+from .integration import needs
 from .orthanc_utils import MISSING, Orthanc
 from .server_utils import Server
 
 WHY = MISSING or browser_utils.missing()
-pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.browser, pytest.mark.skipif(WHY is not None,
-                                                                                             reason=WHY or "")]
+pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.browser, needs(WHY)]
 SHAPE = (96, 96, 12)
 NAMES = {v: k for k, v in LABEL_NAMES.items()}  # liver=1, spleen=2, kidney=3
 

@@ -20,6 +20,8 @@ from ragseg.volume import (
     slices_to_volume,
 )
 
+from .integration import needs, shared_missing
+
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
@@ -57,8 +59,7 @@ def test_written_label_has_input_geometry(tmp_path, orientation, ext):
     assert np.array_equal(lab.array, s.label)
 
 
-@pytest.mark.skipif(not (SHARED / "totalseg-examples" / "mr.nii.gz").exists(),
-                    reason="../shared/data/totalseg-examples is absent")
+@needs(shared_missing("totalseg-examples/mr.nii.gz", "totalseg-examples/ct.nii.gz"))
 @pytest.mark.parametrize("name", ["mr", "ct"])
 def test_shared_volume_write_back(tmp_path, name):
     """A real LPS (MR) or RAS (CT) anisotropic volume: slices -> label -> same grid and affine."""

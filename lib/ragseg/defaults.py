@@ -44,6 +44,7 @@ IVF_NPROBE = 32
 HNSW_M = 32
 HNSW_EF_SEARCH = 128
 SEARCH_OVERFETCH = 8  # fetch k * this candidates before filtering by label / exclusions
+FAISS_MAX_K = 2048  # FAISS GPU indexes refuse k above this; past it, filtered slices are scored exactly
 LOCK_TIMEOUT_S = 120.0
 
 # --- caches ----------------------------------------------------------------------------------

@@ -12,10 +12,14 @@ Protocols:
 
 Methods (each on the same cases and seeds):
 
-* ``retrieved``: the backend with the k supports most similar to each query slice (cosine of
-  the retrieval embedding, exactly what the index returns);
+* ``retrieved``: the product path: the pool is written as label files (only its labeled slices
+  carry labels, as an annotator leaves them), indexed with :class:`ragseg.index.SliceIndex`
+  (:func:`ragseg.pipeline.sync_index`) and segmented by :class:`ragseg.pipeline.Segmenter`, the
+  code the server's infer task runs; so a number here is what the server gives for the same
+  labeled slices;
 * ``random``: the same backend with k supports drawn at random from the pool (baseline a);
-* ``finetuned``: LiteMedSAM with a prototype decoder fine-tuned on the pool, retrieved supports;
+* ``finetuned``: LiteMedSAM with a prototype decoder fine-tuned on the pool, through the same
+  index and Segmenter;
 * ``gt-box``: the decoder prompted with the ground truth's boxes (one per connected component;
   baseline b, the ceiling of a box-prompted decoder);
 * ``unet``: a small MONAI 2D UNet trained on the pool slices only (baseline c).
@@ -31,6 +35,8 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -44,8 +50,16 @@ from tqdm import tqdm
 from . import defaults
 from .engine import Support
 from .errors import RagsegError
-from .pipeline import Preprocess, discover_pairs
-from .volume import load_image, load_label, slice_spacing
+from .pipeline import (
+    LabeledVolume,
+    Preprocess,
+    Segmenter,
+    discover_pairs,
+    logits_to_labels,
+    open_index,
+    sync_index,
+)
+from .volume import Volume, load_image, load_label, save_label, slice_spacing, slices_to_volume
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +115,7 @@ class Subject:
     slices: np.ndarray  # [n, H, W] in [0, 1], canonical
     labels: np.ndarray  # [n, H, W] int, canonical
     spacing: tuple[float, float, float]  # mm, in the [n, H, W] order of the slices
+    image: Volume | None = None  # the image as loaded (its path and grid), for the pool's label files
 
 
 @dataclass
@@ -125,7 +140,7 @@ def _load_subjects(cfg: EvalConfig, pre: Preprocess) -> list[Subject]:
         img = load_image(it.image_path)
         lab = load_label(it.label_path, like=img)
         sp = slice_spacing(img.affine, pre.axis_index)
-        out.append(Subject(it.image_id, pre.slices(img), pre.label_slices(lab).astype(np.int32), sp))
+        out.append(Subject(it.image_id, pre.slices(img), pre.label_slices(lab).astype(np.int32), sp, img))
     return out
 
 
@@ -203,22 +218,16 @@ class Harness:
         self.engine = self.models.engine()
         self.labels = list(cfg.classes.values())
         self.names = {v: k for k, v in cfg.classes.items()}
-        self._vectors_by_subject: dict[str, np.ndarray] = {}
         self.case_info: dict[str, dict] = {}
+        self._pool: tuple[str, object, Path] | None = None  # (case name, its SliceIndex, its folder)
 
     # supports ------------------------------------------------------------------------------------
     @staticmethod
     def _support(subj: Subject, z: int, v: int) -> Support:
         return Support(f"eval|{subj.id}|{z}|{v}", lambda: (subj.slices[z], subj.labels[z] == v))
 
-    def _vectors(self, subj: Subject) -> np.ndarray:
-        """Retrieval embeddings of every slice of ``subj`` (computed once per run)."""
-        if subj.id not in self._vectors_by_subject:
-            self._vectors_by_subject[subj.id] = self.embedder.embed(subj.slices)
-        return self._vectors_by_subject[subj.id]
-
-    def supports(self, case: Case, k: int, how: str) -> list[list[list[Support]]]:
-        """supports[l][i] for query slice i of the case: k retrieved (or random), most similar last."""
+    def random_supports(self, case: Case, k: int) -> list[list[list[Support]]]:
+        """supports[l][i] for query slice i of the case: k drawn at random from the pool (baseline)."""
         rng = np.random.default_rng([case.seed, k, 7])
         out = []
         for v in self.labels:
@@ -227,27 +236,63 @@ class Harness:
                 out.append([[] for _ in case.query_slices])
                 continue
             kk = min(k, len(cand))
-            if how == "retrieved":
-                qv = self._vectors(case.query)[case.query_slices]
-                cv = np.stack([self._vectors(s)[z] for s, z in cand])
-                top = np.argsort(-(qv @ cv.T), axis=1, kind="stable")[:, :kk]
-                out.append([[self._support(*cand[j], v) for j in row[::-1]] for row in top])
-            else:
-                out.append([[self._support(*cand[j], v) for j in rng.choice(len(cand), kk, replace=False)]
-                            for _ in case.query_slices])
+            out.append([[self._support(*cand[j], v) for j in rng.choice(len(cand), kk, replace=False)]
+                        for _ in case.query_slices])
         return out
+
+    # the product path ----------------------------------------------------------------------------
+    def pool_index(self, case: Case):
+        """The case's pool as a datastore would hold it, indexed: partial label files + SliceIndex.
+
+        Each pool subject gets a label file on its image's grid in which only its pool slices
+        carry the evaluated classes. Built once per case (kept for every k and method).
+        """
+        if self._pool is not None and self._pool[0] == case.name:
+            return self._pool[1]
+        self._drop_pool()
+        root = Path(tempfile.mkdtemp(prefix=f".pool-{case.name}-", dir=self.cfg.out))
+        by_subject: dict[str, tuple[Subject, list[int]]] = {}
+        for subj, z in case.pool:
+            by_subject.setdefault(subj.id, (subj, []))[1].append(z)
+        items = []
+        for sid, (subj, zs) in by_subject.items():
+            part = np.zeros_like(subj.labels)
+            keep = np.isin(subj.labels[zs], self.labels)
+            part[zs] = np.where(keep, subj.labels[zs], 0)
+            path = root / "labels" / f"{sid}.nii.gz"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_label(path, slices_to_volume(part, subj.image.affine, self.pre.axis_index), subj.image,
+                       dtype="uint16" if max(self.labels) > 255 else "uint8")
+            items.append(LabeledVolume(sid, subj.image.path, str(path)))
+        index = open_index(root / "index", self.embedder, self.pre)
+        rep = sync_index(index, self.embedder, self.pre, items)
+        if rep.failed:
+            raise RagsegError(f"{case.name}: indexing the pool failed: {rep.failed}")
+        self._pool = (case.name, index, root)
+        return index
+
+    def _drop_pool(self) -> None:
+        if self._pool is not None:
+            shutil.rmtree(self._pool[2], ignore_errors=True)
+            self._pool = None
+
+    def predict_served(self, engine, case: Case, k: int) -> np.ndarray:
+        """The server's path: index search + Segmenter (per-query self-exclusion, same label rule)."""
+        seg = Segmenter(engine, self.embedder, self.pool_index(case), self.pre, k=k,
+                        allow_same_image=self.cfg.mode == "intra")
+        res = seg.segment_slices(case.query.slices, image_id=case.query.id, labels=self.labels,
+                                 slices=case.query_slices)
+        return res.labels
 
     # predictions ----------------------------------------------------------------------------------
     def _to_labels(self, logits: torch.Tensor) -> np.ndarray:
-        """float logits [n, L, H, W] -> label values [n, H, W] (the pipeline's rule)."""
-        best, arg = logits.float().max(1)
-        lab = torch.tensor(self.labels)[arg]
-        lab[best <= defaults.MASK_THRESHOLD] = 0
-        return lab.numpy()
+        return logits_to_labels(logits, self.labels)
 
     def predict_engine(self, engine, case: Case, k: int, how: str) -> np.ndarray:
+        if how == "retrieved":
+            return self.predict_served(engine, case, k)
         q = case.query.slices[case.query_slices]
-        return self._to_labels(engine.segment_queries(q, self.supports(case, k, how)))
+        return self._to_labels(engine.segment_queries(q, self.random_supports(case, k)))
 
     def predict_gt_box(self, case: Case) -> np.ndarray:
         from scipy import ndimage
@@ -319,22 +364,30 @@ class Harness:
                     runs.append((m, 0, lambda c=case: self.predict_gt_box(c)))
                 elif m == "unet":
                     runs.append((m, 0, lambda c=case: self.predict_unet(c)))
-            for m, k, fn in runs:
-                if m == "finetuned":
-                    t = time.perf_counter()
-                    eng, tr = self.train_finetuned(case)
-                    train_s = time.perf_counter() - t
-                    self.case_info[case.name]["finetune"] = {"best_metric": tr.best_metric, "epochs": len(tr.history),
-                                                             "train_s": train_s, "encode_s": tr.encode_s}
-                    for kk in self.cfg.ks:
-                        t = time.perf_counter()
-                        pred = self.predict_engine(eng, case, kk, "retrieved")
-                        rows += self._score(case, m, kk, pred, time.perf_counter() - t)
-                    continue
+            try:
+                rows += self._run_case(case, runs)
+            finally:
+                self._drop_pool()
+        return rows
+
+    def _run_case(self, case: Case, runs: list) -> list[dict]:
+        rows: list[dict] = []
+        for m, k, fn in runs:
+            if m == "finetuned":
                 t = time.perf_counter()
-                pred = fn()
-                rows += self._score(case, m, k, pred, time.perf_counter() - t)
-                logger.info("%s %s k=%d: %.1f s", case.name, m, k, time.perf_counter() - t)
+                eng, tr = self.train_finetuned(case)
+                train_s = time.perf_counter() - t
+                self.case_info[case.name]["finetune"] = {"best_metric": tr.best_metric, "epochs": len(tr.history),
+                                                         "train_s": train_s, "encode_s": tr.encode_s}
+                for kk in self.cfg.ks:
+                    t = time.perf_counter()
+                    pred = self.predict_engine(eng, case, kk, "retrieved")
+                    rows += self._score(case, m, kk, pred, time.perf_counter() - t)
+                continue
+            t = time.perf_counter()
+            pred = fn()
+            rows += self._score(case, m, k, pred, time.perf_counter() - t)
+            logger.info("%s %s k=%d: %.1f s", case.name, m, k, time.perf_counter() - t)
         return rows
 
     def _score(self, case: Case, method: str, k: int, pred: np.ndarray, seconds: float) -> list[dict]:

@@ -120,13 +120,11 @@ class SliceIndex:
         self.use_gpu = (n_gpu > 0) if use_gpu == "auto" else bool(use_gpu) and n_gpu > 0
         self._flock = FileLock(str(self.directory / "index.lock"), timeout=lock_timeout)
         self._tlock = threading.RLock()
-        self._vecs = np.zeros((0, self.dim), dtype=np.float32)
-        self._ids = np.zeros((0,), dtype=np.int64)
-        self._meta: dict[int, SliceRecord] = {}
-        self._next_id = 0
+        # Readers (search, images, records: request threads) take ``self._state`` once and use only
+        # that object; writers build a new _State and swap it in under the lock. Nothing a reader
+        # holds is ever mutated, so no reader needs the lock.
+        self._state = _State.empty(self.dim)
         self._stamp: tuple | None = None
-        self._faiss = None  # built lazily from the vectors
-        self._faiss_kind = ""
         self.stale_reason: str | None = None
         self._load_if_changed(force=True)
 
@@ -155,11 +153,7 @@ class SliceIndex:
             self._stamp = stamp
 
     def _reset(self) -> None:
-        self._vecs = np.zeros((0, self.dim), dtype=np.float32)
-        self._ids = np.zeros((0,), dtype=np.int64)
-        self._meta = {}
-        self._next_id = 0
-        self._faiss = None
+        self._state = _State.empty(self.dim)
 
     def _read(self) -> None:
         try:
@@ -181,22 +175,21 @@ class SliceIndex:
         if vecs.shape != (len(ids), self.dim) or len(meta) != len(ids):
             raise IndexCorruptError(f"index file {self.path} is inconsistent "
                                     f"({vecs.shape} vectors, {len(ids)} ids, {len(meta)} records)")
-        self._vecs, self._ids = vecs, ids
-        self._meta = {int(i): SliceRecord(**r) for i, r in zip(ids, meta)}
-        self._next_id = int(manifest.get("next_id", int(ids.max()) + 1 if len(ids) else 0))
-        self._faiss = None
+        self._state = _State(vecs, ids, {int(i): SliceRecord(**r) for i, r in zip(ids, meta)},
+                             int(manifest.get("next_id", int(ids.max()) + 1 if len(ids) else 0)))
 
     def _write(self) -> None:
+        st = self._state
         manifest = {"format": FORMAT_VERSION, "embedder_id": self.embedder_id, "dim": self.dim,
-                    "next_id": self._next_id, "count": int(len(self._ids))}
-        meta = [asdict(self._meta[int(i)]) for i in self._ids]
+                    "next_id": st.next_id, "count": int(len(st.ids))}
+        meta = [asdict(st.meta[int(i)]) for i in st.ids]
         # we hold the file lock, so any temp file here is debris of a writer that crashed
         for junk in self.directory.glob(".index.*.npz"):
             junk.unlink(missing_ok=True)
         fd, tmp = tempfile.mkstemp(dir=str(self.directory), prefix=".index.", suffix=".npz")
         try:
             with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, vectors=self._vecs, ids=self._ids,
+                np.savez(fh, vectors=st.vecs, ids=st.ids,
                          manifest=np.frombuffer(json.dumps(manifest).encode(), dtype=np.uint8),
                          meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
                 fh.flush()
@@ -217,16 +210,13 @@ class SliceIndex:
             self._write()
 
     # -- mutation ---------------------------------------------------------------------------------
-    def _remove_image_nolock(self, image_id: str) -> int:
-        drop = np.array([self._meta[int(i)].image_id == image_id for i in self._ids], dtype=bool)
+    def _without_image(self, st: _State, image_id: str) -> tuple[_State, int]:
+        drop = np.array([st.meta[int(i)].image_id == image_id for i in st.ids], dtype=bool)
         n = int(drop.sum())
-        if n:
-            for i in self._ids[drop]:
-                del self._meta[int(i)]
-            self._vecs = self._vecs[~drop]
-            self._ids = self._ids[~drop]
-            self._faiss = None
-        return n
+        if not n:
+            return st, 0
+        meta = {int(i): r for i, r in st.meta.items() if r.image_id != image_id}
+        return _State(st.vecs[~drop], st.ids[~drop], meta, st.next_id), n
 
     def replace_image(self, image_id: str, vectors: np.ndarray, records: Sequence[SliceRecord]) -> None:
         """Atomically replace every stored slice of ``image_id`` with these (none = remove)."""
@@ -238,20 +228,20 @@ class SliceIndex:
         if len(vectors) and not np.isfinite(vectors).all():
             raise ValueError("vectors contain NaN/Inf")
         with self.transaction():
-            self._remove_image_nolock(image_id)
+            st, _ = self._without_image(self._state, image_id)
             if len(vectors):
-                ids = np.arange(self._next_id, self._next_id + len(vectors), dtype=np.int64)
-                self._next_id += len(vectors)
-                self._vecs = np.concatenate([self._vecs, vectors])
-                self._ids = np.concatenate([self._ids, ids])
-                for i, r in zip(ids, records):
-                    self._meta[int(i)] = r
-                self._faiss = None
+                ids = np.arange(st.next_id, st.next_id + len(vectors), dtype=np.int64)
+                meta = dict(st.meta)
+                meta.update((int(i), r) for i, r in zip(ids, records))
+                st = _State(np.concatenate([st.vecs, vectors]), np.concatenate([st.ids, ids]), meta,
+                            st.next_id + len(vectors))
+            self._state = st
 
     def remove_image(self, image_id: str) -> int:
         """Remove every slice of ``image_id``; returns how many were removed."""
         with self.transaction():
-            return self._remove_image_nolock(image_id)
+            self._state, n = self._without_image(self._state, image_id)
+            return n
 
     def clear(self) -> None:
         with self.transaction():
@@ -264,13 +254,13 @@ class SliceIndex:
 
     def __len__(self) -> int:
         self.refresh()
-        return int(len(self._ids))
+        return int(len(self._state.ids))
 
     def images(self) -> dict[str, dict[str, str]]:
         """image id -> {'label_checksum', 'image_checksum', 'n_slices'} of what is stored."""
         self.refresh()
         out: dict[str, dict] = {}
-        for r in self._meta.values():
+        for r in self._state.meta.values():
             d = out.setdefault(r.image_id, {"label_checksum": r.label_checksum,
                                             "image_checksum": r.image_checksum, "n_slices": 0})
             d["n_slices"] += 1
@@ -278,60 +268,94 @@ class SliceIndex:
 
     def records(self) -> list[SliceRecord]:
         self.refresh()
-        return [self._meta[int(i)] for i in self._ids]
+        st = self._state
+        return [st.meta[int(i)] for i in st.ids]
 
     def vectors(self) -> np.ndarray:
         self.refresh()
-        return self._vecs.copy()
-
-    def _effective_kind(self) -> str:
-        if self.kind != "auto":
-            return self.kind
-        return "ivf" if len(self._ids) >= self.approx_threshold else "flat"
-
-    def _build_faiss(self):
-        kind = self._effective_kind()
-        self._faiss = build_faiss(self._vecs, self._ids, kind, nprobe=self.nprobe, use_gpu=self.use_gpu)
-        self._faiss_kind = kind
-        return self._faiss
+        return self._state.vecs.copy()
 
     def search(self, queries: np.ndarray, k: int, *, label: int | None = None,
-               exclude: Iterable[tuple[str, int]] = (), exclude_images: Iterable[str] = ()) -> list[list[Hit]]:
+               exclude: Iterable[tuple[str, int]] = (), exclude_images: Iterable[str] = (),
+               exclude_per_query: Sequence[Iterable[tuple[str, int]]] | None = None) -> list[list[Hit]]:
         """The ``k`` most similar stored slices for each query vector.
 
         Args:
             label: only slices on which this label value is present.
-            exclude: (image_id, slice_index) pairs never returned (the query slice itself).
+            exclude: (image_id, slice_index) pairs never returned, for any query.
             exclude_images: images whose slices are never returned (leave-one-subject-out).
+            exclude_per_query: for query i, pairs never returned for that query only (the query
+                slice itself: other labeled slices of its image stay usable).
         """
         self.refresh()
         q = np.asarray(queries, dtype=np.float32).reshape(-1, self.dim)
-        excl = set((str(a), int(b)) for a, b in exclude)
+        if exclude_per_query is not None and len(exclude_per_query) != len(q):
+            raise ValueError(f"exclude_per_query has {len(exclude_per_query)} entries for {len(q)} queries")
+        st = self._state  # one consistent snapshot for the whole search
+        n = len(st.ids)
+        if n == 0 or k <= 0:
+            return [[] for _ in range(len(q))]
+        excl = {(str(a), int(b)) for a, b in exclude}
+        per_q = [excl | {(str(a), int(b)) for a, b in e} for e in exclude_per_query] if exclude_per_query else None
         excl_img = set(exclude_images)
-        with self._tlock:
-            n = len(self._ids)
-            if n == 0 or k <= 0:
-                return [[] for _ in range(len(q))]
-            index = self._faiss or self._build_faiss()
-            meta = self._meta
 
-            def ok(r: SliceRecord) -> bool:
-                return ((label is None or label in r.labels) and r.image_id not in excl_img
-                        and (r.image_id, r.slice_index) not in excl)
+        def ok(r: SliceRecord, qi: int) -> bool:
+            return ((label is None or label in r.labels) and r.image_id not in excl_img
+                    and (r.image_id, r.slice_index) not in (per_q[qi] if per_q else excl))
 
-            fetch = min(n, max(k * defaults.SEARCH_OVERFETCH, 64))
-            results: list[list[Hit]] = [[] for _ in range(len(q))]
-            todo = list(range(len(q)))
-            while todo:
-                scores, ids = index.search(q[todo], fetch)
-                again = []
-                for row, qi in enumerate(todo):
-                    hits = [Hit(float(s), meta[int(i)]) for s, i in zip(scores[row], ids[row])
-                            if i >= 0 and ok(meta[int(i)])]
-                    results[qi] = hits[:k]
-                    if len(hits) < k and fetch < n:
-                        again.append(qi)
-                if not again:
-                    break
-                todo, fetch = again, min(n, fetch * 4)
-            return results
+        results: list[list[Hit]] = [[] for _ in range(len(q))]
+        cap = min(n, defaults.FAISS_MAX_K)  # FAISS' GPU indexes refuse k > 2048
+        fetch = min(cap, max(k * defaults.SEARCH_OVERFETCH, 64))
+        todo = list(range(len(q)))
+        while todo:
+            scores, ids = st.search(self, q[todo], fetch)
+            again = []
+            for row, qi in enumerate(todo):
+                hits = [Hit(float(s), st.meta[int(i)]) for s, i in zip(scores[row], ids[row])
+                        if i >= 0 and ok(st.meta[int(i)], qi)]
+                results[qi] = hits[:k]
+                if len(hits) < k and fetch < n:
+                    again.append(qi)
+            if not again:
+                break
+            if fetch >= cap:  # the filter rejects nearly everything: score the allowed slices exactly
+                for qi in again:
+                    results[qi] = self._exact_filtered(st, q[qi], k, lambda r, qi=qi: ok(r, qi))
+                break
+            todo, fetch = again, min(cap, fetch * 4)
+        return results
+
+    @staticmethod
+    def _exact_filtered(st: _State, qv: np.ndarray, k: int, ok) -> list[Hit]:
+        """Exact top-k among the stored slices ``ok`` accepts (numpy; for very selective filters)."""
+        rows = [j for j, i in enumerate(st.ids) if ok(st.meta[int(i)])]
+        if not rows:
+            return []
+        scores = st.vecs[rows] @ qv
+        order = np.argsort(-scores, kind="stable")[:k]
+        return [Hit(float(scores[j]), st.meta[int(st.ids[rows[j]])]) for j in order]
+
+
+@dataclass
+class _State:
+    """One immutable version of the index contents (plus its lazily built FAISS index)."""
+
+    vecs: np.ndarray
+    ids: np.ndarray
+    meta: dict[int, SliceRecord]
+    next_id: int
+    faiss: object = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def empty(cls, dim: int) -> _State:
+        return cls(np.zeros((0, dim), dtype=np.float32), np.zeros((0,), dtype=np.int64), {}, 0)
+
+    def search(self, owner: SliceIndex, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        with self.lock:  # build the FAISS index once per version
+            if self.faiss is None:
+                kind = owner.kind if owner.kind != "auto" else (
+                    "ivf" if len(self.ids) >= owner.approx_threshold else "flat")
+                self.faiss = build_faiss(self.vecs, self.ids, kind, nprobe=owner.nprobe, use_gpu=owner.use_gpu)
+            index = self.faiss
+        return index.search(q, k)

@@ -132,6 +132,10 @@ def embed_labeled_volume(item: LabeledVolume, embedder: Embedder, pre: Preproces
     Slices with no label voxel are not indexed: in a partly labeled volume an empty slice may
     just be unlabeled, so it is not evidence of "no structure here".
     """
+    # Checksums first, then parse: if the label is replaced in between, the index stores the
+    # new content under the old checksum, which reconcile sees as changed and re-indexes. (The
+    # other order would store old content under the new checksum, and nothing would repair it.)
+    lc, ic = file_checksum(item.label_path), file_checksum(item.image_path)
     img = load_image(item.image_path)
     lab = load_label(item.label_path, like=img)
     lab_s = pre.label_slices(lab)
@@ -140,7 +144,6 @@ def embed_labeled_volume(item: LabeledVolume, embedder: Embedder, pre: Preproces
     if not keep:
         return np.zeros((0, embedder.dim), np.float32), []
     vecs = embedder.embed(pre.slices(img)[keep])
-    lc, ic = file_checksum(item.label_path), file_checksum(item.image_path)
     recs = [SliceRecord(item.image_id, int(i), [int(v) for v in present[i] if v > 0], lc, ic,
                         str(item.image_path), str(item.label_path), {"preprocess": pre.id}) for i in keep]
     return vecs, recs
@@ -248,7 +251,8 @@ class SegmentationResult:
 
     label_map: int array with the input image's shape (0 = background).
     probabilities: label value -> float16 probability array on the same grid (when requested).
-    supports: label value -> list of (image_id, slice_index) pairs used (first query slice).
+    supports: label value -> list of (image_id, slice_index) pairs used (first query slice that
+        has supports).
     missing_labels: requested labels with no labeled slice in the pool.
     slices: canonical slice indices that were segmented.
     timings: seconds per stage: load (read + normalise), embed (DINOv2 of the queries),
@@ -262,6 +266,34 @@ class SegmentationResult:
     missing_labels: list[int] = field(default_factory=list)
     slices: list[int] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+
+
+@dataclass
+class SliceSegmentation:
+    """Canonical-slice result of :meth:`Segmenter.segment_slices`.
+
+    labels: [len(slices), H, W] label values (0 = background), by :func:`logits_to_labels`.
+    active: label values that were segmented (had supports); logits (when asked) follow this order.
+    """
+
+    labels: np.ndarray
+    slices: list[int]
+    supports: dict[int, list[tuple[str, int]]] = field(default_factory=dict)
+    missing_labels: list[int] = field(default_factory=list)
+    active: list[int] = field(default_factory=list)
+    logits: torch.Tensor | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def logits_to_labels(logits: torch.Tensor, values: Sequence[int]) -> np.ndarray:
+    """The label rule: per pixel, the label with the highest logit if that logit says "present".
+
+    logits: [n, L, H, W]; values: the label value of each of the L channels -> int64 [n, H, W].
+    """
+    best, arg = logits.float().max(dim=1)
+    lab = torch.tensor(list(values), dtype=torch.int64)[arg]
+    lab[best <= defaults.MASK_THRESHOLD] = 0
+    return lab.numpy()
 
 
 class Segmenter:
@@ -300,27 +332,65 @@ class Segmenter:
         """Segment ``image`` (all slices, or the canonical slice indices ``slices``).
 
         Args:
-            image_id: the image's id in the pool, so its own slice is never its support (and,
-                without ``allow_same_image``, none of its slices is).
+            image_id: the image's id in the pool. Each query slice excludes itself as a support;
+                other labeled slices of the same image are used (intra-volume few-shot) unless
+                ``allow_same_image`` is off, which excludes every slice of the image.
             labels: label values to segment (default: every label in the pool).
         """
-        tm: dict[str, float] = dict.fromkeys(("load", "embed", "retrieval", "supports", "encode", "decode", "write"), 0.0)
         t = time.perf_counter()
         vol = image if isinstance(image, Volume) else load_image(image)
         image_id = image_id or image_id_of(vol.path or "query")
         all_slices = self.pre.slices(vol)
-        tm["load"] = time.perf_counter() - t
+        load_s = time.perf_counter() - t
+        want = self.pool_labels() if labels is None else sorted(set(int(v) for v in labels))
+        res = SegmentationResult(np.zeros(vol.shape, dtype=np.uint8 if max(want or [0]) < 256 else np.uint16))
+        try:
+            sres = self.segment_slices(all_slices, image_id=image_id, labels=want, slices=slices,
+                                       return_logits=return_probabilities, progress=progress)
+        except InputError as e:
+            raise InputError(vol.path, e.problem) from e
+        res.supports, res.missing_labels, res.slices, res.timings = (sres.supports, sres.missing_labels,
+                                                                     sres.slices, sres.timings)
+        res.timings["load"] = load_s
+        if not sres.active or not sres.slices:
+            return res
+        t = time.perf_counter()
+        n_total = len(all_slices)
+        full = np.zeros(all_slices.shape, dtype=res.label_map.dtype)
+        full[sres.slices] = sres.labels.astype(res.label_map.dtype)
+        res.label_map = slices_to_volume(full, vol.affine, self.pre.axis_index).copy()
+        if return_probabilities:
+            probs = torch.sigmoid(sres.logits.float()).numpy().astype(np.float16)
+            for li, v in enumerate(sres.active):
+                p = np.zeros((n_total, *all_slices.shape[1:]), dtype=np.float16)
+                p[sres.slices] = probs[:, li]
+                res.probabilities[v] = slices_to_volume(p, vol.affine, self.pre.axis_index).copy()
+        res.timings["write"] += time.perf_counter() - t
+        return res
+
+    @torch.inference_mode()
+    def segment_slices(self, all_slices: np.ndarray, *, image_id: str, labels: Iterable[int] | None = None,
+                       slices: Iterable[int] | None = None, return_logits: bool = False,
+                       progress: bool = False) -> SliceSegmentation:
+        """Segment canonical slices ``all_slices[slices]`` of image ``image_id``: retrieval, supports,
+        engine and the label rule. :meth:`segment_volume` (the server, the CLI) and the evaluation
+        harness both go through here.
+
+        Args:
+            all_slices: [n, H, W] every canonical slice of the image, intensities in [0, 1].
+            slices: indices into ``all_slices`` to segment (default all).
+        """
+        tm: dict[str, float] = dict.fromkeys(("load", "embed", "retrieval", "supports", "encode", "decode", "write"), 0.0)
         n_total, H, W = all_slices.shape
         sel = list(range(n_total)) if slices is None else sorted(set(int(s) for s in slices))
         bad = [s for s in sel if not 0 <= s < n_total]
         if bad:
-            raise InputError(vol.path, f"slice indices {bad[:5]} out of range 0..{n_total - 1}")
+            raise InputError(None, f"slice indices {bad[:5]} out of range 0..{n_total - 1}")
         pool = self.pool_labels()
         want = pool if labels is None else sorted(set(int(v) for v in labels))
-        missing = [v for v in want if v not in pool]
+        res = SliceSegmentation(np.zeros((len(sel), H, W), np.int64), slices=sel, timings=tm,
+                                missing_labels=[v for v in want if v not in pool])
         active = [v for v in want if v in pool]
-        res = SegmentationResult(np.zeros(vol.shape, dtype=np.uint8 if max(want or [0]) < 256 else np.uint16),
-                                 missing_labels=missing, slices=sel, timings=tm)
         if not active or not sel:
             return res
 
@@ -330,6 +400,8 @@ class Segmenter:
         tm["embed"] = time.perf_counter() - t
         t = time.perf_counter()
         excl_img = [] if self.allow_same_image else [image_id]
+        # each query slice excludes itself only: the image's other labeled slices stay supports
+        own = [[(image_id, s)] for s in sel]
         # supports per label and query slice, most similar last (nearest frame to the query)
         per_label: dict[int, list[list]] = {}
         for v in active:
@@ -340,17 +412,17 @@ class Segmenter:
                                          exclude_images=excl_img)[0]
                 per_label[v] = [hits[::-1]] * len(sel)
             else:
-                hits = self.index.search(qvec, self.k, label=v, exclude=[(image_id, s) for s in sel],
-                                         exclude_images=excl_img)
+                hits = self.index.search(qvec, self.k, label=v, exclude_per_query=own, exclude_images=excl_img)
                 per_label[v] = [h[::-1] for h in hits]
         tm["retrieval"] = time.perf_counter() - t
         for v in active:
-            first = per_label[v][0]
+            first = next((h for h in per_label[v] if h), [])
             res.supports[v] = [(h.record.image_id, h.record.slice_index) for h in first]
         # labels that only the query slices themselves carry have no usable support
         for v in list(active):
             if all(len(h) == 0 for h in per_label[v]):
                 active.remove(v)
+                res.supports.pop(v, None)
                 res.missing_labels.append(v)
         if not active:
             return res
@@ -373,7 +445,9 @@ class Segmenter:
         else:
             logits = self.engine.segment_queries(q, sups, timings=tm, progress=progress)
         t = time.perf_counter()
-        self._write_result(res, vol, logits, active, sel, n_total, return_probabilities)
+        res.active = active
+        res.labels = logits_to_labels(logits, active)
+        res.logits = logits if return_logits else None
         tm["write"] += time.perf_counter() - t
         return res
 
@@ -406,19 +480,3 @@ class Segmenter:
             for j in range(len(q)):
                 out[j, lis] = resize_logits(low[j][None], hw)[0].cpu().to(out.dtype)
         return out
-
-    def _write_result(self, res: SegmentationResult, vol: Volume, logits: torch.Tensor, active: list[int],
-                      sel: list[int], n_total: int, return_probabilities: bool) -> None:
-        # per pixel: the label with the highest logit, if that logit says "present"
-        best, arg = logits.max(dim=1)
-        lab = torch.tensor(active, dtype=torch.int64)[arg]
-        lab[best <= defaults.MASK_THRESHOLD] = 0
-        full = np.zeros((n_total, *logits.shape[-2:]), dtype=res.label_map.dtype)
-        full[sel] = lab.numpy().astype(res.label_map.dtype)
-        res.label_map = slices_to_volume(full, vol.affine, self.pre.axis_index).copy()
-        if return_probabilities:
-            probs = torch.sigmoid(logits.float()).numpy().astype(np.float16)
-            for li, v in enumerate(active):
-                p = np.zeros((n_total, *logits.shape[-2:]), dtype=np.float16)
-                p[sel] = probs[:, li]
-                res.probabilities[v] = slices_to_volume(p, vol.affine, self.pre.axis_index).copy()

@@ -34,27 +34,35 @@ def is_dicomweb(datastore) -> bool:
     return isinstance(datastore, DICOMWebDatastore)
 
 
-def seg_pairs(datastore) -> dict[str, str]:
-    """image series UID -> newest SEG series UID referencing it (within the datastore's images)."""
+def seg_pairs(datastore, meta_cache: dict[str, tuple[str | None, tuple]] | None = None) -> dict[str, str]:
+    """image series UID -> newest SEG series UID referencing it (within the datastore's images).
+
+    One SEG search per call. A SEG's metadata (which series it references, its date) is fetched
+    once and kept in ``meta_cache`` (SEG UID -> (referenced image UID, sort key)): a stored series
+    does not change, and fetching every SEG's metadata on every listing made each re-index O(N).
+    """
     from pydicom.dataset import Dataset
 
     client = datastore._client
     images = set(datastore.list_images())
+    cache = meta_cache if meta_cache is not None else {}
     best: dict[str, tuple[tuple, str]] = {}
     for js in client.search_for_series(search_filters={"Modality": "SEG"}):
         seg = Dataset.from_json(js)
         study, seg_uid = str(seg.StudyInstanceUID), str(seg.SeriesInstanceUID)
-        meta = Dataset.from_json(client.retrieve_series_metadata(study, seg_uid)[0])
-        ref = meta.get("ReferencedSeriesSequence")
-        if not ref:
+        if seg_uid not in cache:
+            meta = Dataset.from_json(client.retrieve_series_metadata(study, seg_uid)[0])
+            ref = meta.get("ReferencedSeriesSequence")
+            key = (str(meta.get("SeriesDate", "")), str(meta.get("SeriesTime", "")),
+                   int(meta.get("SeriesNumber", 0) or 0), seg_uid)
+            cache[seg_uid] = (str(ref[0].SeriesInstanceUID) if ref else None, key)
+        image_uid, key = cache[seg_uid]
+        if image_uid is None:
             logger.warning("SEG %s references no series; ignored", seg_uid)
             continue
-        image_uid = str(ref[0].SeriesInstanceUID)
         if image_uid not in images:
             logger.warning("SEG %s references series %s, not in this datastore; ignored", seg_uid, image_uid)
             continue
-        key = (str(meta.get("SeriesDate", "")), str(meta.get("SeriesTime", "")), int(meta.get("SeriesNumber", 0) or 0),
-               seg_uid)
         if image_uid not in best or key > best[image_uid][0]:
             best[image_uid] = (key, seg_uid)
     return {img: v[1] for img, v in best.items()}
@@ -81,6 +89,7 @@ class DicomwebLabels:
         self.ohif_seg_fix = ohif_seg_fix
         self.rejected: dict[str, str] = {}  # SEG UID -> why
         self.unavailable: set[str] = set()  # image UIDs whose SEG/series could not be fetched last time
+        self.seg_meta: dict[str, tuple[str | None, tuple]] = {}  # SEG UID -> (image UID, sort key)
 
     @property
     def extra_names(self) -> dict[str, int]:
@@ -162,7 +171,7 @@ class DicomwebLabels:
         """[(image id, image NIfTI path, label NIfTI path)] for every image with a usable SEG."""
         out = []
         unavailable = set()
-        for image_uid, seg_uid in sorted(seg_pairs(self.ds).items()):  # raises when the PACS is down
+        for image_uid, seg_uid in sorted(seg_pairs(self.ds, self.seg_meta).items()):  # raises when the PACS is down
             try:
                 img = self.ds.get_image_uri(image_uid)
                 lab = self._label_file(image_uid, seg_uid, img)

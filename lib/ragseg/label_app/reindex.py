@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 
 from ..errors import RagsegError
 from ..pipeline import LabeledVolume, embed_labeled_volume
-from ..volume import ChecksumCache, file_checksum
+from ..volume import ChecksumCache
 from .components import Components
 from .dicomweb import DicomwebLabels, is_dicomweb
 
@@ -57,6 +57,7 @@ class Reindexer:
         self._q: queue.Queue[str | None] = queue.Queue()
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._pending: dict[str, str] = {}  # image id -> queued job id (dedup)
+        self._last_items: dict[str, LabeledVolume] = {}  # the latest listing, for jobs it queued
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._checksum = ChecksumCache()
@@ -89,19 +90,27 @@ class Reindexer:
 
     # -- public API -----------------------------------------------------------------------------
     def submit(self, image_id: str, reason: str) -> str:
-        """Queue (re-)indexing of ``image_id``; returns a job id. Returns at once."""
+        """Queue (re-)indexing of ``image_id``; returns a job id (see :meth:`job`). Returns at once."""
         with self._lock:
             if image_id in self._pending:
                 return self._pending[image_id]
             job = Job(f"reindex-{self.pid}-{next(self._ids)}", image_id, reason)
             self._jobs[job.id] = job
-            while len(self._jobs) > self.max_jobs_kept:
-                self._jobs.popitem(last=False)
             self._pending[image_id] = job.id
+            self._evict()
         self._q.put(job.id)
         return job.id
 
+    def _evict(self) -> None:
+        """Forget the oldest *finished* jobs past ``max_jobs_kept``; queued and running jobs stay."""
+        extra = len(self._jobs) - self.max_jobs_kept
+        if extra <= 0:
+            return
+        for jid in [j.id for j in self._jobs.values() if j.state not in ("queued", "running")][:extra]:
+            del self._jobs[jid]
+
     def job(self, job_id: str) -> dict | None:
+        """The job as a dict (state, timings, slices, error), or None if unknown or forgotten."""
         with self._lock:
             j = self._jobs.get(job_id)
             return asdict(j) if j else None
@@ -117,17 +126,6 @@ class Reindexer:
             st["rejected_segs"] = dict(self._dicomweb.rejected)
         return st
 
-    def wait_idle(self, timeout: float = 60.0) -> bool:
-        """Block until nothing is queued or running (tests, scripts)."""
-        end = time.time() + timeout
-        while time.time() < end:
-            with self._lock:
-                busy = bool(self._pending) or any(j.state == "running" for j in self._jobs.values())
-            if not busy and self._q.empty():
-                return True
-            time.sleep(0.05)
-        return False
-
     # -- reconcile ------------------------------------------------------------------------------
     def labeled_items(self) -> list[LabeledVolume]:
         """Every image with a final label, as (id, image path, label path)."""
@@ -135,6 +133,7 @@ class Reindexer:
         if self._dicomweb is not None:
             items = [LabeledVolume(i, img, lab) for i, img, lab in self._dicomweb.items()]
             self.unavailable = set(self._dicomweb.unavailable)
+            self._last_items = {it.image_id: it for it in items}
             return items
         out = []
         unavailable = set()
@@ -149,7 +148,32 @@ class Reindexer:
             if lab and img and os.path.exists(lab) and os.path.exists(img):
                 out.append(LabeledVolume(image_id, img, lab))
         self.unavailable = unavailable
+        self._last_items = {it.image_id: it for it in out}
         return out
+
+    def _item(self, image_id: str, fresh: bool) -> LabeledVolume | None:
+        """One image's (image, final label), without listing the whole datastore when possible.
+
+        A folder datastore is asked for that image alone. A DICOMweb one can only be listed (one
+        SEG search; SEG metadata is cached), so a job queued by reconcile uses the listing that
+        queued it; a save (``fresh``) lists again to see the new SEG.
+        """
+        if self._dicomweb is not None:
+            if fresh or image_id not in self._last_items:
+                self.labeled_items()
+            return self._last_items.get(image_id)
+        ds = self.datastore
+        try:
+            lab = ds.get_label_uri(image_id, FINAL)
+            img = ds.get_image_uri(image_id)
+        except Exception as e:  # a remote datastore may fail for one item
+            logger.warning("cannot resolve %s: %s", image_id, e)
+            self.unavailable.add(image_id)
+            return None
+        self.unavailable.discard(image_id)
+        if lab and img and os.path.exists(lab) and os.path.exists(img):
+            return LabeledVolume(image_id, img, lab)
+        return None
 
     def reconcile(self) -> list[str]:
         """Queue every image whose final label is not in the index as it is now; drop removed ones."""
@@ -207,7 +231,7 @@ class Reindexer:
             job.state, job.started = "running", time.time()
             self._pending.pop(job.image, None)
         try:
-            item = next((it for it in self.labeled_items() if it.image_id == job.image), None)
+            item = self._item(job.image, fresh=job.reason != "reconcile")
             index = self.c.index()
             if item is None and job.image in self.unavailable:
                 raise RagsegError("its label cannot be fetched now (datastore unreachable); retried at the next "
@@ -246,13 +270,3 @@ class Reindexer:
                 break
             n += engine.warm_supports(sups[s:s + 4])
         return n
-
-
-def index_matches_labels(components: Components, reindexer: Reindexer) -> bool:
-    """True when the index holds exactly the current final labels (used by tests and /info)."""
-    items = reindexer.labeled_items()
-    stored = components.index().images()
-    if set(stored) != {it.image_id for it in items}:
-        return False
-    return all(stored[it.image_id]["label_checksum"] == file_checksum(it.label_path) for it in items)
-
