@@ -152,3 +152,38 @@ def test_cli_finetune_then_segment_with_the_decoder(tmp_path):
     r = cli("segment", str(root / "subject_02.nii.gz"), "--supports", str(root), "--decoder", str(tmp_path / "dec2"),
             "-o", str(out), "--backend", "litemedsam", "--modality", "CT")
     assert r.returncode == 2 and "was trained for backbone" in r.stderr
+
+
+def test_decoder_swapped_mid_request_is_not_mixed_into_it():
+    """The train task's decoder is swapped in by a background thread; a running request keeps its own."""
+    from ragseg.engine import Support
+    from ragseg.fewshot import LiteMedSamAdapter, PrototypeDecoder
+    from ragseg.litemedsam import LiteMedSAM, LiteMedSamEngine
+
+    lite = LiteMedSAM.random(seed=0)
+    adapter = LiteMedSamAdapter(lite)
+    old, new = PrototypeDecoder(adapter, use_box=False), PrototypeDecoder(adapter, use_box=False)
+    eng = LiteMedSamEngine(lite, decoder=old, decode_batch=1)
+    calls: list[str] = []
+
+    def spy(name, dec):
+        forward = dec.forward
+
+        def f(*a, **kw):
+            calls.append(name)
+            if len(calls) == 1:
+                eng.set_decoder(new)  # the newly trained decoder lands while this request runs
+            return forward(*a, **kw)
+        dec.forward = f
+
+    spy("old", old)
+    spy("new", new)
+    rng = np.random.default_rng(0)
+    q = rng.random((3, 64, 64)).astype(np.float32)
+    mask = np.zeros((64, 64), bool)
+    mask[20:40, 20:40] = True
+    sup = Support("s0", lambda: (q[0], mask))
+    eng.segment_queries(q, [[[sup]] * 3])
+    assert calls == ["old"] * 3, calls  # every slice of the request by the decoder it started with
+    eng.segment_queries(q[:1], [[[sup]]])
+    assert calls[3:] == ["new"]  # the next request uses the new one

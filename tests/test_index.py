@@ -144,11 +144,11 @@ def test_crash_mid_write_leaves_a_loadable_index(tmp_path):
         p = _spawn(tmp_path, f"t{trial}_", 40, 4000)  # ~1 MB more per save: writes take a while
         p.stdout.readline()  # one complete save exists
         deadline = time.time() + 20
-        while time.time() < deadline and not list(d.glob(".index.*.npz")):
+        while time.time() < deadline and not list(d.glob(".partial-*.npz")):
             time.sleep(0.0002)
         os.kill(p.pid, signal.SIGKILL)
         p.wait()
-        killed_mid_write += bool(list(d.glob(".index.*.npz")))
+        killed_mid_write += bool(list(d.glob(".partial-*.npz")))
         idx = SliceIndex(d, embedder_id="e", dim=64)
         assert idx.stale_reason is None, idx.stale_reason
         imgs = idx.images()
@@ -156,4 +156,97 @@ def test_crash_mid_write_leaves_a_loadable_index(tmp_path):
         assert all(v["n_slices"] == 4000 for v in imgs.values())
     assert killed_mid_write >= 3  # the kills really landed inside writes
     SliceIndex(d, embedder_id="e", dim=64).remove_image("t0_0")  # the next writer cleans debris
-    assert not list(d.glob(".index.*.npz"))
+    assert not list(d.glob(".partial-*.npz"))
+
+
+def test_readers_never_see_a_half_written_index(tmp_path, rng):
+    """Request threads read (images, records, search) while the re-indexer thread writes."""
+    import threading
+
+    idx = SliceIndex(tmp_path, embedder_id="e", dim=8)
+    big = 3000  # large replacements keep each mutation busy for a while
+    vecs = _vecs(rng, big, 8)
+    for j in range(3):
+        idx.replace_image(f"img{j}", vecs, _recs(f"img{j}", big))
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def writer():
+        j = 0
+        while not stop.is_set():
+            idx.replace_image(f"img{j % 3}", vecs[: big - (j % 7)], _recs(f"img{j % 3}", big - (j % 7)))
+            j += 1
+
+    def reader():
+        while not stop.is_set():
+            try:
+                imgs = idx.images()
+                recs = idx.records()
+                # each call sees one whole version: every image has one of the sizes written
+                assert all(big - 6 <= v["n_slices"] <= big for v in imgs.values()) and len(imgs) == 3
+                assert 3 * (big - 6) <= len(recs) <= 3 * big
+                idx.search(vecs[:2], 3, label=1)
+            except Exception as e:  # noqa: BLE001 - any error here is the bug
+                errors.append(f"{type(e).__name__}: {e}")
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads often, as a busy server does
+    try:
+        threads = [threading.Thread(target=writer)] + [threading.Thread(target=reader) for _ in range(2)]
+        for t in threads:
+            t.start()
+        time.sleep(4)
+        stop.set()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert not errors, errors[:3]
+
+
+def test_selective_filter_never_asks_faiss_for_more_than_2048(tmp_path, rng, monkeypatch):
+    """FAISS GPU indexes refuse k > 2048; a filter that rejects nearly every slice still works."""
+    import ragseg.index as index_mod
+
+    asked: list[int] = []
+    real = index_mod.build_faiss
+
+    class GpuLike:  # the limit a GPU index enforces, on the real CPU index
+        def __init__(self, inner):
+            self.inner = inner
+
+        def search(self, q, k):
+            asked.append(k)
+            if k > 2048:
+                raise RuntimeError(f"GPU index only supports k <= 2048 (got {k})")
+            return self.inner.search(q, k)
+
+    monkeypatch.setattr(index_mod, "build_faiss", lambda *a, **kw: GpuLike(real(*a, **kw)))
+    n = 5000
+    vecs = _vecs(rng, n)
+    q = vecs[:3]
+    # label 2 only on the 4 slices least similar to the first query: found only past the top 2048
+    far = np.argsort(vecs @ q[0])[:4]
+    recs = [SliceRecord("a", i, [2] if i in far else [1], "c") for i in range(n)]
+    idx = SliceIndex(tmp_path, embedder_id="e", dim=D)
+    idx.replace_image("a", vecs, recs)
+    hits = idx.search(q, 3, label=2)
+    assert max(asked) <= 2048
+    for qi in range(3):
+        want = sorted(far, key=lambda i: -(vecs[i] @ q[qi]))[:3]
+        assert [h.record.slice_index for h in hits[qi]] == [int(i) for i in want]
+        assert np.allclose([h.score for h in hits[qi]], [vecs[i] @ q[qi] for i in want], atol=1e-5)
+
+
+def test_per_query_exclusion_keeps_the_images_other_slices(tmp_path, rng):
+    """Intra-volume: query slice s excludes (image, s) only, not the image's other labeled slices."""
+    idx = SliceIndex(tmp_path, embedder_id="e", dim=D)
+    vecs = _vecs(rng, 6)
+    idx.replace_image("ct", vecs, _recs("ct", 6))
+    hits = idx.search(vecs[:3], 2, exclude_per_query=[[("ct", 0)], [("ct", 1)], [("ct", 2)]])
+    for qi in range(3):
+        got = [h.record.slice_index for h in hits[qi]]
+        assert qi not in got and len(got) == 2
+    assert [h.record.slice_index for h in hits[1]][0] != 1
+    with pytest.raises(ValueError, match="exclude_per_query"):
+        idx.search(vecs[:2], 1, exclude_per_query=[[("ct", 0)]])

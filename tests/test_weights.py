@@ -137,3 +137,25 @@ def test_embedder_contract(dino_embedder, rng):
     mean = DinoV2Embedder(dino_embedder.model, name="same", pooling="mean", image_size=56).embed(s)
     assert not np.allclose(mean, e) and mean.shape == e.shape
     assert dino_embedder.embed(s[:0]).shape == (0, dino_embedder.dim)
+
+
+def test_dinov2_folder_with_missing_weights_is_refused(tmp_path):
+    """transformers would fill the missing tensors with random values and only log it."""
+    from safetensors.torch import load_file, save_file
+    from transformers import Dinov2Config, Dinov2Model
+
+    from ragseg.embedders import DinoV2Embedder
+
+    kw = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=56, patch_size=14)
+    Dinov2Model(Dinov2Config(**kw)).save_pretrained(tmp_path / "dino")
+    DinoV2Embedder.from_pretrained(str(tmp_path / "dino"), image_size=56)  # intact: loads
+    f = tmp_path / "dino" / "model.safetensors"
+    sd = load_file(str(f))
+    gone = sorted(k for k in sd if "encoder.layer.0.attention" in k)[:2]
+    for k in gone:
+        sd.pop(k)
+    save_file(sd, str(f), metadata={"format": "pt"})
+    with pytest.raises(RagsegError, match="missing keys") as e:
+        DinoV2Embedder.from_pretrained(str(tmp_path / "dino"), image_size=56)
+    assert gone[0].removeprefix("dinov2.") in str(e.value) or gone[0] in str(e.value)
+    assert "ragseg weights fetch" in str(e.value)

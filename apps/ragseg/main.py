@@ -43,7 +43,9 @@ class RagSegApp(MONAILabelApp):
         return {t.name: t}
 
     def init_strategies(self):
-        return {"diversity": DiversityStrategy(self.services.components), "random": Random(), "first": First()}
+        s = self.services
+        return {"diversity": DiversityStrategy(s.components, s.embed_cache, s.warmer), "random": Random(),
+                "first": First()}
 
     def init_batch_infer(self):
         return ResumableBatchInfer()

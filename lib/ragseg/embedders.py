@@ -94,10 +94,18 @@ class DinoV2Embedder:
 
         local = resolve_dinov2(name_or_path)
         try:
-            model = AutoModel.from_pretrained(str(local) if local else name_or_path,
-                                              local_files_only=not allow_download)
+            model, info = AutoModel.from_pretrained(str(local) if local else name_or_path,
+                                                    local_files_only=not allow_download, output_loading_info=True)
         except OSError as e:
             raise WeightsMissingError(name_or_path, local or name_or_path, fetch_command_for(name_or_path)) from e
+        # transformers fills missing weights with random values and only logs it: refuse instead
+        # (a folder of another model, or a truncated conversion, would retrieve at random)
+        bad = {k: info.get(k) for k in ("missing_keys", "mismatched_keys", "unexpected_keys") if info.get(k)}
+        if bad:
+            detail = "; ".join(f"{k.replace('_', ' ')}: {', '.join(map(str, v[:5]))}"
+                               f"{f' (+{len(v) - 5} more)' if len(v) > 5 else ''}" for k, v in bad.items())
+            raise RagsegError(f"DINOv2 weights at {local or name_or_path} do not match the model they declare "
+                              f"({detail}); not using them. Re-fetch with `{fetch_command_for(name_or_path)}`")
         name = Path(name_or_path).name if local else name_or_path
         return cls(model, name=name, **kwargs)
 

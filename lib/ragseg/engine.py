@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -34,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from . import defaults
+from .atomic import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -150,20 +150,8 @@ class SupportMemoryCache:
         self._put_ram(key, mem)
         if self.directory is None:
             return
-        p = self._path(key)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=str(p.parent), prefix=f".{key[:8]}.")
-        os.close(fd)
-        try:
+        with atomic_path(self._path(key)) as tmp:
             torch.save(tensors, tmp)
-            os.replace(tmp, p)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-
-    def clear_ram(self) -> None:
-        with self._lock:
-            self._ram.clear()
 
 
 class FeatureCache:

@@ -32,10 +32,6 @@ BACKENDS = ("auto", "rag-sam2", "litemedsam")
 RETRIEVALS = ("auto", "dinov2", "litemedsam")
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("RAGSEG_CACHE_DIR", Path.home() / ".cache" / "ragseg"))
-
-
 @dataclass
 class ModelConfig:
     """Which weights to load and how to run them.

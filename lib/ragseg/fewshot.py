@@ -22,8 +22,6 @@ import copy
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +35,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import defaults
+from .atomic import atomic_write
 from .errors import RagsegError
 from .prototypes import coarse_regions, location_prior, mask_grid, masked_prototypes, region_box
 
@@ -228,14 +227,8 @@ class PrototypeDecoder(nn.Module):
 
 
 def _atomic_write(path: Path, write: Callable) -> None:
-    fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_write(path) as f:
+        write(f)
 
 
 # --- training data -----------------------------------------------------------------------------------

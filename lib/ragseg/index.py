@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -29,6 +28,7 @@ import numpy as np
 from filelock import FileLock
 
 from . import defaults
+from .atomic import atomic_write
 from .errors import IndexCorruptError, RagsegError
 
 logger = logging.getLogger(__name__)
@@ -184,20 +184,12 @@ class SliceIndex:
                     "next_id": st.next_id, "count": int(len(st.ids))}
         meta = [asdict(st.meta[int(i)]) for i in st.ids]
         # we hold the file lock, so any temp file here is debris of a writer that crashed
-        for junk in self.directory.glob(".index.*.npz"):
+        for junk in [*self.directory.glob(".partial-*.npz"), *self.directory.glob(".index.*.npz")]:
             junk.unlink(missing_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=str(self.directory), prefix=".index.", suffix=".npz")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, vectors=st.vecs, ids=st.ids,
-                         manifest=np.frombuffer(json.dumps(manifest).encode(), dtype=np.uint8),
-                         meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_write(self.path, suffix=".npz") as fh:
+            np.savez(fh, vectors=st.vecs, ids=st.ids,
+                     manifest=np.frombuffer(json.dumps(manifest).encode(), dtype=np.uint8),
+                     meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
         self._stamp = self._file_stamp()
         self.stale_reason = None
 

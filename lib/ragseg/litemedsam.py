@@ -219,7 +219,11 @@ class LiteMedSamEngine:
         self.set_decoder(decoder)
 
     def set_decoder(self, decoder: torch.nn.Module | None) -> None:
-        """Switch between training-free prompts (None) and a fine-tuned prototype decoder."""
+        """Switch between training-free prompts (None) and a fine-tuned prototype decoder.
+
+        Safe while requests run (the server's background thread swaps in a newly trained
+        decoder): a request reads ``decoder`` once and uses that one for all its slices.
+        """
         self.decoder = decoder.eval() if decoder is not None else None
         self.model_id = f"{self.lite.model_id}|{'finetuned' if decoder is not None else 'prototype-box'}"
 
@@ -266,6 +270,7 @@ class LiteMedSamEngine:
         from .volume import resize_logits
 
         tm = timings if timings is not None else {}
+        decoder = self.decoder  # one decoder for the whole request, even if another is swapped in meanwhile
         n, H, W = queries.shape
         L = len(supports)
         distinct: dict[str, Support] = {}
@@ -293,7 +298,7 @@ class LiteMedSamEngine:
                 protos = masked_prototypes(embs, gm)
                 if protos is None:
                     continue
-                if self.decoder is not None and not getattr(self.decoder, "use_box", True):
+                if decoder is not None and not getattr(decoder, "use_box", True):
                     items.append((li, protos[0], protos[1], torch.zeros(4)))  # prototypes alone
                     continue
                 prior = location_prior(gm, self.location_prior)
@@ -304,10 +309,10 @@ class LiteMedSamEngine:
                 part = items[s:s + self.decode_batch]
                 emb = q[None].expand(len(part), -1, -1, -1)
                 boxes = torch.stack([it[3] for it in part])
-                if self.decoder is None:
+                if decoder is None:
                     lg = self.decode_boxes(emb, boxes)
                 else:
-                    lg = self.decoder({"embed": emb}, torch.stack([it[1] for it in part]),
+                    lg = decoder({"embed": emb}, torch.stack([it[1] for it in part]),
                                       torch.stack([it[2] for it in part]), boxes)
                 for j, it in enumerate(part):  # several regions of one label: union of their masks
                     low[it[0]] = torch.maximum(low[it[0]], lg[j].float().cpu())

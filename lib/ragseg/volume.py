@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import defaults
+from .atomic import atomic_path
 from .errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -372,12 +372,6 @@ def resize_logits(logits: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
 # --- writing ----------------------------------------------------------------------------------
 
 
-def _atomic_target(path: Path) -> tuple[int, str]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # keep the real extension (the writer picks the format by it); the name stays short
-    return tempfile.mkstemp(prefix=".partial-", suffix=_ext_of(path) or ".tmp", dir=str(path.parent))
-
-
 def save_label(path: str | os.PathLike, label: np.ndarray, like: Volume,
                dtype: str | np.dtype = "uint8") -> Path:
     """Write a label map on ``like``'s grid (same shape and affine), atomically.
@@ -393,9 +387,10 @@ def save_label(path: str | os.PathLike, label: np.ndarray, like: Volume,
         raise InputError(p, f"label value {label.max()} does not fit {dt}")
     data = label.astype(dt, copy=False)
     ext = _ext_of(p)
-    fd, tmp = _atomic_target(p)
-    os.close(fd)
-    try:
+    if ext not in NIFTI_EXTS + NRRD_EXTS:
+        raise InputError(p, f"cannot write labels as {ext!r}; use .nii.gz, .nii or .nrrd")
+    # the temp name keeps the real extension: the writer picks the format by it
+    with atomic_path(p, suffix=ext) as tmp:
         if ext in NIFTI_EXTS:
             hdr = like.header.copy() if isinstance(like.header, nib.Nifti1Header) else None
             img = nib.Nifti1Image(data, like.affine, header=hdr)
@@ -413,12 +408,4 @@ def save_label(path: str | os.PathLike, label: np.ndarray, like: Volume,
                 "kinds": ["domain", "domain", "domain"],
                 "encoding": "gzip",
             }, index_order="F")
-        else:
-            raise InputError(p, f"cannot write labels as {ext!r}; use .nii.gz, .nii or .nrrd")
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, p)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return p

@@ -20,13 +20,13 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
+from .atomic import atomic_path, atomic_write
 from .errors import ChecksumError, RagsegError, WeightsMissingError
 
 logger = logging.getLogger(__name__)
@@ -136,10 +136,8 @@ def _read_pins(root: Path) -> dict[str, str]:
 
 
 def _write_pins(root: Path, pins: dict[str, str]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=str(root), prefix=".pins.")
-    with os.fdopen(fd, "w") as fh:
+    with atomic_write(_pins_path(root), "w") as fh:
         json.dump(pins, fh, indent=1, sort_keys=True)
-    os.replace(tmp, _pins_path(root))
 
 
 def expected_sha256(spec: WeightSpec, wf: WeightFile, root: Path | None = None) -> str | None:
@@ -209,17 +207,11 @@ def fetch(name: str, *, root: Path | None = None, sha256: str | None = None, pin
             raise ChecksumError(
                 f"no known SHA-256 for {key}: pass --sha256 <digest from the publisher> or --pin to "
                 "record the digest of this download and verify against it from now on")
-        fd, tmp = tempfile.mkstemp(dir=str(d), prefix=f".{wf.filename}.")
-        os.close(fd)
-        try:
+        with atomic_path(dest) as tmp:  # a refused or cut-off download leaves nothing behind
             url = _url(spec, wf)
             got = _download(url, Path(tmp))
             if want is not None and got != want:
                 raise ChecksumError(f"{url}: SHA-256 {got} does not match expected {want}; file discarded")
-            os.replace(tmp, dest)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
         if wf.sha256 is None and pins.get(key) != got:
             pins[key] = got
             _write_pins(root, pins)

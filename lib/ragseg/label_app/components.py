@@ -34,6 +34,7 @@ class Components:
         self.index_dir = Path(index_dir)
         self.pre = Preprocess(axis=cfg.axis, modality=cfg.modality, ct_window=cfg.ct_window)
         self._lock = threading.RLock()
+        self.model_runs = threading.BoundedSemaphore(cfg.infer_concurrency)  # segmentations at once
         self._embedder: Embedder | None = None
         self._engine: SegmentationEngine | None = None
         self._index: SliceIndex | None = None

@@ -24,13 +24,27 @@ class ConfigError(RagsegError):
     """A ``--conf`` value is invalid; the message names the key."""
 
 
-def _bool(key: str, v: str) -> bool:
-    s = v.strip().lower()
-    if s in ("1", "true", "yes", "on"):
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+
+
+def parse_bool(v: object) -> bool:
+    """true/false in the spellings --conf and request params accept; ValueError otherwise."""
+    if isinstance(v, bool):
+        return v
+    s = str(v).strip().lower()
+    if s in TRUE_WORDS:
         return True
-    if s in ("0", "false", "no", "off"):
+    if s in FALSE_WORDS:
         return False
-    raise ConfigError(f"--conf {key}: expected true/false, got {v!r}")
+    raise ValueError(f"expected true/false, got {v!r}")
+
+
+def _bool(key: str, v: str) -> bool:
+    try:
+        return parse_bool(v)
+    except ValueError as e:
+        raise ConfigError(f"--conf {key}: {e}") from None
 
 
 def _number(key: str, v: str, lo: float, hi: float, typ: type = int):
@@ -92,6 +106,7 @@ class AppConfig:
     propagate: bool = False
     precompute_memories: bool = True
     reconcile_interval: float = 5.0
+    infer_concurrency: int = 1  # segmentations run at once; more requests wait on worker threads
     ohif_seg_fix: bool = True  # undo the bundled OHIF's z-mirrored SEG export (see ragseg.seg)
     random_weights_for_testing: bool = False
 
@@ -137,6 +152,8 @@ class AppConfig:
                 val = v
             elif key == "labels":
                 val = _labels(key, v)
+            elif key == "infer_concurrency":
+                val = _number(key, v, 1, 64)
             elif key == "reconcile_interval":
                 val = _number(key, v, 0.5, 3600.0, float)
             elif key in ("same_image_supports", "propagate", "precompute_memories", "random_weights_for_testing",

@@ -12,13 +12,13 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 import time
 
 from fastapi import HTTPException
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, LocalDatastore
 
+from ..atomic import atomic_write
 from ..errors import InputError
 from ..volume import load_image, load_label
 
@@ -47,18 +47,9 @@ class ValidatingLocalDatastore(LocalDatastore):
         label_path = self._datastore.label_path(label_tag)
         dest = os.path.join(label_path, self._filename(image_id, label_ext))
         with FileLock(self._lock_file):
-            os.makedirs(label_path, exist_ok=True)
             # no image extension on the temp name, so the datastore watcher ignores it
-            fd, tmp = tempfile.mkstemp(dir=label_path, prefix=f".{image_id}.", suffix=".partial")
-            try:
-                with os.fdopen(fd, "wb") as out, open(label_filename, "rb") as src:
-                    shutil.copyfileobj(src, out)
-                    out.flush()
-                    os.fsync(out.fileno())
-                os.replace(tmp, dest)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            with atomic_write(dest, suffix=".partial") as out, open(label_filename, "rb") as src:
+                shutil.copyfileobj(src, out)
             info = dict(label_info or {})
             info["ts"] = int(time.time())
             info["name"] = os.path.basename(dest)

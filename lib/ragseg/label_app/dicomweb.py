@@ -23,6 +23,7 @@ from pathlib import Path
 
 from monailabel.datastore.dicom import DICOMWebDatastore
 
+from ..atomic import atomic_write
 from ..errors import InputError
 from ..seg import instances_ascend_along_normal, read_seg_labels, write_seg, written_by_dcmjs
 from ..volume import load_image, save_label
@@ -110,11 +111,8 @@ class DicomwebLabels:
         if not new:
             return
         extra.update(new)
-        self.cache.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.cache, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
+        with atomic_write(self.cache / "names.json", "w") as f:
             json.dump(extra, f)
-        os.replace(tmp, self.cache / "names.json")
 
     def _label_file(self, image_uid: str, seg_uid: str, image_path: str) -> Path | None:
         from monailabel.datastore.utils.dicom import dicom_web_download_series

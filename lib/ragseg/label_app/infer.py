@@ -38,6 +38,7 @@ from ..volume import (
     save_label,
 )
 from .components import Components, ModelUnavailable
+from .config import parse_bool
 
 logger = logging.getLogger(__name__)
 
@@ -46,14 +47,10 @@ RESULT_DTYPES = ("uint8", "uint16")
 
 
 def _as_bool(name: str, v: Any) -> bool:
-    if isinstance(v, bool):
-        return v
-    s = str(v).strip().lower()
-    if s in ("1", "true", "yes", "on"):
-        return True
-    if s in ("0", "false", "no", "off", ""):
-        return False
-    raise HTTPException(422, f"param {name}: expected true/false, got {v!r}")
+    try:
+        return False if v == "" else parse_bool(v)
+    except ValueError as e:
+        raise HTTPException(422, f"param {name}: {e}") from None
 
 
 def _int_list(name: str, v: Any) -> list[int]:
@@ -180,7 +177,10 @@ class RagSegInfer(InferTask):
         canon = None if file_slices is None else [file_to_canonical_slice(s, vol.shape, vol.affine, axis)
                                                   for s in file_slices]
         try:
-            res = seg.segment_volume(vol, image_id=image_id, labels=labels, slices=canon)
+            t = time.time()
+            with self.c.model_runs:  # at most infer_concurrency segmentations at once; others wait here
+                waited = time.time() - t
+                res = seg.segment_volume(vol, image_id=image_id, labels=labels, slices=canon)
         except InputError as e:
             raise HTTPException(422, str(e)) from e
         except RagsegError as e:
@@ -217,7 +217,8 @@ class RagSegInfer(InferTask):
             "human_slices_kept": kept,
             "k": k,
             "backend": self.c.backend,
-            "latencies": {"total": round(time.time() - t0, 3)},
+            "latencies": {"total": round(time.time() - t0, 3), "queued": round(waited, 3),
+                          **{k: round(v, 3) for k, v in res.timings.items()}},
         }
         sug = self.suggestion(image_id) if image_id != "upload" else None
         if sug:  # the active-learning suggestion for this image: where to draw next

@@ -109,6 +109,11 @@ class Reindexer:
         for jid in [j.id for j in self._jobs.values() if j.state not in ("queued", "running")][:extra]:
             del self._jobs[jid]
 
+    def busy(self) -> bool:
+        """True while a job is queued or running."""
+        with self._lock:
+            return bool(self._pending) or any(j.state == "running" for j in self._jobs.values())
+
     def job(self, job_id: str) -> dict | None:
         """The job as a dict (state, timings, slices, error), or None if unknown or forgotten."""
         with self._lock:

@@ -18,6 +18,7 @@ from .components import Components
 from .config import AppConfig
 from .dicomweb import is_dicomweb, seg_writing
 from .reindex import Reindexer
+from .strategy import EmbeddingWarmer, SliceEmbeddingCache
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,10 @@ class Services:
         self.components = Components(self.cfg, self.index_dir)
         self.datastore = None
         self.reindexer: Reindexer | None = None
+        # slice embeddings of unlabeled images for the diversity strategy, filled in the background
+        self.embed_cache = SliceEmbeddingCache(self.components)
+        self.warmer = EmbeddingWarmer(self.components, None, self.embed_cache,
+                                      interval=max(self.cfg.reconcile_interval, 10.0))
         self._started = False
         self._names_cache: tuple[float, dict[str, int]] | None = None
 
@@ -60,26 +65,34 @@ class Services:
             return
         self._started = True
         self.datastore = datastore
+        self.reindexer = Reindexer(self.components, datastore, interval=self.cfg.reconcile_interval)
         try:  # the web app exists only in the server process
             import monailabel.app
 
             from .ohif import install
+            from .routes import install_job_route, offload_blocking_routes
 
+            offload_blocking_routes(monailabel.app.app)
+            install_job_route(monailabel.app.app, self.reindexer.job)
             install(monailabel.app.app)
-        except Exception as e:  # the viewer is optional; the API works without it
-            logger.warning("could not install the fixed /ohif route: %s", e)
-        self.reindexer = Reindexer(self.components, datastore, interval=self.cfg.reconcile_interval)
+        except Exception as e:  # the viewer and job route are extras; the API works without them
+            logger.warning("could not install the app's routes: %s", e)
+
+        self.warmer.datastore = datastore
+        self.warmer.busy = self.reindexer.busy
 
         def boot():
             self.components.warm_up()
-            self.reindexer.start()
+            self.reindexer.start()  # labels first: the warmer waits while re-indexing is busy
+            self.warmer.start()
 
         threading.Thread(target=boot, name="ragseg-boot", daemon=True).start()
 
     def on_save_label(self, image_id: str) -> dict:
         if self.reindexer is None:  # not a server process (e.g. a CLI-built app): index synchronously later
             return {}
-        return {"job_id": self.reindexer.submit(image_id, "PUT /datastore/label"), "indexing": "queued"}
+        job_id = self.reindexer.submit(image_id, "PUT /datastore/label")
+        return {"job_id": job_id, "job_url": f"/ragseg/jobs/{job_id}", "indexing": "queued"}
 
     # -- label names -----------------------------------------------------------------------------
     def label_names(self) -> dict[str, int]:
@@ -166,4 +179,5 @@ class Services:
         st["index_dir"] = str(self.index_dir)
         if self.reindexer is not None:
             st["reindex"] = self.reindexer.status()
+        st["diversity"] = {"last_pass": self.warmer.last_pass, "failed": dict(self.warmer.failed)}
         return st

@@ -27,6 +27,7 @@ from fastapi import HTTPException
 from monailabel.interfaces.tasks.train import TrainTask
 
 from .. import defaults
+from ..atomic import atomic_write
 from ..errors import RagsegError
 from .components import DECODER_TASK, Components, ModelUnavailable
 
@@ -36,15 +37,8 @@ STATS_FILE = "train_stats.json"
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, default=str)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_write(path, "w") as f:
+        json.dump(data, f, default=str)
 
 
 class DecoderTrainTask(TrainTask):

@@ -1,0 +1,44 @@
+"""Crash-safe file writes: write a temp file beside the target, fsync, then rename over it.
+
+A crash or an exception mid-write leaves the previous file (or none), never a truncated one, and
+the temp file is always removed. Every writer of index, caches, labels, decoders and manifests
+goes through here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[str]:
+    """Yield a temp file name beside ``path`` for a writer that takes a file name; on a clean exit
+    the file is fsynced and renamed to ``path``.
+
+    suffix: the temp name's ending (writers such as nibabel choose the format by it). Temp names
+    start with ``.partial-`` so folder watchers and globs for real files ignore them.
+    """
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=suffix, dir=str(p.parent))
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, p)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb", suffix: str = ".tmp") -> Iterator[IO]:
+    """``with atomic_write(p) as fh: fh.write(...)``: :func:`atomic_path` with an open file."""
+    with atomic_path(path, suffix) as tmp, open(tmp, mode) as fh:
+        yield fh
