@@ -261,6 +261,8 @@ class Reindexer:
             logger.warning("re-indexing %s failed: %s", job.image, job.error)
         finally:
             job.finished = job.finished or time.time()
+            with self._lock:
+                self._evict()
 
     def _precompute(self, recs) -> int:
         """Support memories for every (slice, label) of a newly indexed image."""
