@@ -4,8 +4,8 @@ MONAI Label 0.8.5 declares its endpoints ``async def`` but does all their work s
 inside (``POST /infer`` runs the model, ``PUT /datastore/label`` validates and writes the label,
 ``POST /activelearning`` embeds images). An ``async`` handler runs on the event loop, so while one
 infer ran every other request waited: ``/info``, the datastore, OHIF's image loads. Here each such
-route is replaced, at the same place in the router, by a plain ``def`` twin with the same
-signature, which FastAPI runs in its thread pool; the loop only routes. The twin drives the
+route gets a plain ``def`` twin with the same signature, placed in front of it, which FastAPI
+runs in its thread pool; the loop only routes. The twin drives the
 original coroutine to completion on the worker thread (it never awaits: checked at startup by
 reading its source for ``await``). The DICOM proxy, which really awaits the request body, keeps
 its handler.
@@ -44,13 +44,34 @@ def _never_awaits(endpoint) -> bool:
         return False
 
 
-def offload_blocking_routes(app) -> list[str]:
-    """Replace MONAI Label's blocking ``async`` routes by thread-pool twins; returns their paths."""
+def _api_routes(app):
+    """(full path prefix, APIRoute) of the app, looking inside included routers.
+
+    FastAPI keeps ``include_router`` routers as nested objects (``_IncludedRouter`` with
+    ``original_router`` and an ``include_context.prefix``), not as copied routes.
+    """
     from fastapi.routing import APIRoute
 
+    for r in app.router.routes:
+        if isinstance(r, APIRoute):
+            yield "", r
+        elif hasattr(r, "original_router"):
+            prefix = getattr(getattr(r, "include_context", None), "prefix", "") or ""
+            for sub in r.original_router.routes:
+                if isinstance(sub, APIRoute):
+                    yield prefix, sub
+
+
+def offload_blocking_routes(app) -> list[str]:
+    """Put a thread-pool twin in front of each blocking MONAI Label ``async`` route; returns their paths.
+
+    The twin is added to the app's own router at the front (first match wins), so the original
+    stays in place but is never reached.
+    """
     done = []
-    for i, route in enumerate(list(app.router.routes)):
-        if not isinstance(route, APIRoute) or not inspect.iscoroutinefunction(route.endpoint):
+    twins = []
+    for prefix, route in list(_api_routes(app)):
+        if route.name.startswith("ragseg_") or not inspect.iscoroutinefunction(route.endpoint):
             continue
         mod = getattr(route.endpoint, "__module__", "")
         if not mod.startswith("monailabel.endpoints.") or mod.rsplit(".", 1)[-1] not in OFFLOADED_MODULES:
@@ -58,13 +79,15 @@ def offload_blocking_routes(app) -> list[str]:
         if not _never_awaits(route.endpoint):
             logger.info("keeping %s %s on the event loop (its handler awaits)", route.methods, route.path)
             continue
-        twin = APIRoute(route.path, _sync_twin(route.endpoint), methods=list(route.methods), name=route.name,
-                        response_model=route.response_model, status_code=route.status_code, tags=route.tags,
-                        dependencies=route.dependencies, summary=route.summary, description=route.description,
-                        response_class=route.response_class, responses=route.responses,
-                        include_in_schema=route.include_in_schema)
-        app.router.routes[i] = twin
-        done.append(f"{','.join(sorted(route.methods))} {route.path}")
+        app.add_api_route(prefix + route.path, _sync_twin(route.endpoint), methods=list(route.methods),
+                          name=f"ragseg_offloaded_{route.name}", response_model=route.response_model,
+                          status_code=route.status_code, tags=route.tags, dependencies=route.dependencies,
+                          summary=route.summary, description=route.description, response_class=route.response_class,
+                          responses=route.responses, include_in_schema=False)
+        twins.append(app.router.routes.pop())
+        done.append(f"{','.join(sorted(route.methods))} {prefix + route.path}")
+    for t in reversed(twins):  # same relative order as the originals, all in front of them
+        app.router.routes.insert(0, t)
     logger.info("%d MONAI Label routes run on worker threads, not the event loop", len(done))
     return done
 
