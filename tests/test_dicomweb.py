@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import nibabel as nib
@@ -81,9 +82,29 @@ def test_seg_in_pacs_is_discovered_indexed_and_used(tmp_path):
         want1 = {int(z) for z in np.nonzero(lab1.any(axis=(0, 1)))[0]}
         assert _indexed(tmp_path / "ragseg").get(uids["P1"]) == want1, srv.tail(40)
         print(f"SEG stored in PACS -> indexed in {indexed_after:.1f}s")
-        # infer on the third series reads it from the PACS and returns a label on its grid
-        status, body, _ = srv.request("POST", f"/infer/ragseg?image={uids['P2']}&output=json",
-                                      fields={"params": json.dumps({"k": 2})})
+        # infer on the third series reads it from the PACS and returns a label on its grid; meanwhile
+        # the event loop keeps serving /info, the datastore and OHIF's DICOM proxy
+        answers: list = []
+        latency: dict[str, list[float]] = {"/info/": [], "/datastore/?output=stats": [],
+                                           "/proxy/dicom/qido/studies": []}
+
+        def infers():
+            for k in (2, 1, 3):
+                answers.append(srv.request("POST", f"/infer/ragseg?image={uids['P2']}&output=json",
+                                           fields={"params": json.dumps({"k": k})}))
+
+        worker = threading.Thread(target=infers)
+        worker.start()
+        while worker.is_alive():
+            for path, lat in latency.items():
+                t = time.time()
+                assert srv.get(path)[0] == 200, path
+                lat.append(time.time() - t)
+        worker.join()
+        print("max latency during infers:", {k: round(max(v), 3) for k, v in latency.items()})
+        for path, lat in latency.items():
+            assert lat and max(lat) < 0.5, (path, sorted(lat)[-3:])
+        status, body, _ = answers[0]
         assert status == 200, body
         res = json.loads(body)
         assert set(res["segmented_labels"]) == {"liver", "spleen", "kidney"}
@@ -112,6 +133,7 @@ def test_pacs_outage_fails_clearly_and_loses_nothing(tmp_path):
         pacs.stow([_seg_for(series_dirs[0], subjects[0].label, subjects[0].affine, tmp_path, "l0")])
         uids = {js["00100020"]["Value"][0]: js["0020000E"]["Value"][0] for js in pacs.series("CT")}
         conf = {"random_weights_for_testing": "true", "image_size": "128", "reconcile_interval": "1",
+                "embed_unlabeled": "false",  # the background warmer would download the never-fetched series
                 "index_dir": str(tmp_path / "ragseg"), "labels": "liver=1,spleen=2,kidney=3"}
         srv = Server(tmp_path, tmp_path / "server.log", conf,
                      env={"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(tmp_path / "dwcache")})
@@ -170,4 +192,46 @@ def test_pacs_outage_fails_clearly_and_loses_nothing(tmp_path):
     finally:
         if srv:
             srv.stop()
+        pacs.stop()
+
+
+def test_seg_metadata_is_fetched_once_per_seg(tmp_path):
+    """Listing the SEGs is one search; each SEG's metadata is fetched once, not on every re-index."""
+    from dicomweb_client.api import DICOMwebClient
+    from monailabel.datastore.dicom import DICOMWebDatastore
+
+    from ragseg.label_app.dicomweb import seg_pairs
+
+    pacs = Orthanc(tmp_path / "orthanc").start()
+    try:
+        for i in range(2):
+            s = make_subject(i, shape=SHAPE)
+            d = tmp_path / f"series{i}"
+            write_series(s.image, s.affine, d, patient_id=f"P{i}")
+            pacs.stow(sorted(d.glob("*.dcm")))
+            pacs.stow([_seg_for(d, s.label, s.affine, tmp_path, f"l{i}")])
+        client = DICOMwebClient(url=pacs.dicomweb)
+        fetched: list[str] = []
+        real = client.retrieve_series_metadata
+
+        def counting(study, series, *a, **kw):
+            fetched.append(series)
+            return real(study, series, *a, **kw)
+
+        client.retrieve_series_metadata = counting
+        ds = DICOMWebDatastore(client, {"Modality": "CT"}, cache_path=str(tmp_path / "dwcache"))
+        cache: dict = {}
+        first = seg_pairs(ds, cache)
+        assert len(first) == 2 and len(fetched) == 2
+        for _ in range(3):  # later listings (every re-index job, every reconcile) fetch no metadata
+            assert seg_pairs(ds, cache) == first
+        assert len(fetched) == 2
+        # a new SEG is fetched once
+        s = make_subject(0, shape=SHAPE)
+        lab = s.label.copy()
+        lab[..., :4] = 0
+        pacs.stow([_seg_for(tmp_path / "series0", lab, s.affine, tmp_path, "l0b")])
+        seg_pairs(ds, cache)
+        assert len(fetched) == 3
+    finally:
         pacs.stop()

@@ -93,3 +93,12 @@ def test_farthest_image_and_slices(tmp_path):
     for i in unlabeled:
         ds.save_label(i, str(tmp_path / "ds" / "labels" / "final" / "subject_00.nii.gz"), "final", {})
     assert strat({"strategy": "diversity"}, ds) is None
+
+
+def test_without_background_embedding_the_request_embeds(tmp_path):
+    """--conf embed_unlabeled false: nothing runs in the background, so the strategy embeds itself."""
+    ds, comps = _setup(tmp_path, n_labeled=2)
+    strat, warmer = _strategy(comps, ds)
+    warmer.enabled = False
+    res = strat({"strategy": "diversity"}, ds)
+    assert res["partial"] is False and res["embedded_images"] == len(ds.get_unlabeled_images())

@@ -106,6 +106,7 @@ class AppConfig:
     propagate: bool = False
     precompute_memories: bool = True
     reconcile_interval: float = 5.0
+    embed_unlabeled: bool = True  # embed unlabeled images in the background for the diversity strategy
     infer_concurrency: int = 1  # segmentations run at once; more requests wait on worker threads
     ohif_seg_fix: bool = True  # undo the bundled OHIF's z-mirrored SEG export (see ragseg.seg)
     random_weights_for_testing: bool = False
@@ -157,7 +158,7 @@ class AppConfig:
             elif key == "reconcile_interval":
                 val = _number(key, v, 0.5, 3600.0, float)
             elif key in ("same_image_supports", "propagate", "precompute_memories", "random_weights_for_testing",
-                         "ohif_seg_fix"):
+                         "ohif_seg_fix", "embed_unlabeled"):
                 val = _bool(key, v)
             else:  # free strings: paths, names
                 val = v

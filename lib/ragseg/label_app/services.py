@@ -79,12 +79,14 @@ class Services:
             logger.warning("could not install the app's routes: %s", e)
 
         self.warmer.datastore = datastore
+        self.warmer.enabled = self.cfg.embed_unlabeled
         self.warmer.busy = self.reindexer.busy
 
         def boot():
             self.components.warm_up()
             self.reindexer.start()  # labels first: the warmer waits while re-indexing is busy
-            self.warmer.start()
+            if self.cfg.embed_unlabeled:
+                self.warmer.start()
 
         threading.Thread(target=boot, name="ragseg-boot", daemon=True).start()
 

@@ -95,6 +95,7 @@ class EmbeddingWarmer:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self.failed: dict[str, str] = {}  # image id -> why it cannot be embedded
+        self.enabled = True  # False (--conf embed_unlabeled false): the strategy embeds on the request
         self.busy = lambda: False  # while true (labels being indexed), the warmer waits: labels first
         self.last_pass: float | None = None
 
@@ -162,12 +163,14 @@ class DiversityStrategy(Strategy):
             pool = self.c.index().vectors()
         except ModelUnavailable as e:
             raise HTTPException(503, f"diversity strategy unavailable: {e}") from e
+        background = self.warmer is not None and self.warmer.enabled
         cand_img, cand_slice, cand_vec = [], [], []
         file_slice: dict[tuple[str, int], int] = {}
         waiting = []
         for image_id in sorted(images):
             try:
-                hit = self.cache.peek(datastore.get_image_uri(image_id))
+                path = datastore.get_image_uri(image_id)
+                hit = self.cache.peek(path) if background else self.cache.get(path)
             except (InputError, OSError) as e:
                 logger.warning("diversity: skipping %s: %s", image_id, e)
                 continue
@@ -179,7 +182,7 @@ class DiversityStrategy(Strategy):
             cand_slice += [int(s) for s in sl]
             file_slice.update({(image_id, int(a)): int(b) for a, b in zip(sl, fsl)})
             cand_vec.append(vec)
-        if self.warmer is not None and waiting:
+        if background and waiting:
             self.warmer.wake()
         if not cand_vec:
             # nothing embedded yet (just started): any unlabeled image, and say so
