@@ -182,6 +182,33 @@ def test_intra_volume_supports_and_human_slices_kept(server, tmp_path):
     # supports can come from this image's own labeled slices, never from the query slice
     for sid, z in res["supports"]["liver"]:
         assert not (sid == "subject_06" and z not in (5, 8, 11))
+    # A structure that only this image carries (value 7 on its liver, slices 5, 8, 11): its only
+    # possible supports are the image's own labeled slices. The whole-volume request must use them
+    # (each query slice excludes itself only), and a query on labeled slice 8 gets the others.
+    from ragseg.synthetic import make_subject
+
+    subj = make_subject(6, shape=SHAPE)
+    lab = np.zeros(SHAPE, np.uint8)
+    lab[..., [5, 8, 11]] = np.where(subj.label[..., [5, 8, 11]] == 1, 7, 0)
+    assert (lab[..., 8] == 7).any()
+    buf = io.BytesIO()
+    fh = nib.FileHolder(fileobj=buf)
+    nib.Nifti1Image(lab, subj.affine).to_file_map({"image": fh, "header": fh})
+    assert put_label(server, "subject_06", __import__("gzip").compress(buf.getvalue()))[0] == 200
+    wait_indexed(server)
+    status, body, _ = infer(server, "subject_06", {"k": 3, "labels": [7]}, "json")
+    res = json.loads(body)
+    assert status == 200 and res["segmented_labels"] == ["label_7"] and res["missing_labels"] == [], res
+    assert res["supports"]["label_7"] and all(sid == "subject_06" for sid, _ in res["supports"]["label_7"])
+    status, body, _ = infer(server, "subject_06", {"k": 3, "labels": [7], "slice": [8]}, "json")
+    others = [("subject_06", z) for z in (5, 11) if (lab[..., z] == 7).any()]
+    assert others and sorted(map(tuple, json.loads(body)["supports"]["label_7"])) == others
+    # without same-image supports nothing else carries label 7: reported missing, not segmented
+    status, body, _ = infer(server, "subject_06", {"labels": [7], "same_image_supports": False}, "json")
+    assert json.loads(body)["missing_labels"] == ["label_7"]
+    # the image's liver label back, as the other tests expect
+    assert put_label(server, "subject_06", label_bytes(6, keep_slices=[5, 8, 11]))[0] == 200
+    wait_indexed(server)
 
 
 def test_active_learning_suggests_the_most_diverse_image(server):
