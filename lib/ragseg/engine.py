@@ -154,6 +154,15 @@ class SupportMemoryCache:
             torch.save(tensors, tmp)
 
 
+def group_by_shape(items, shape_of) -> list[list]:
+    """``items`` (a dict's items or a sequence) in groups of equal ``shape_of(item)``, order kept
+    within each group: slices of different sizes are stacked per size."""
+    groups: dict[tuple, list] = {}
+    for it in (items.items() if isinstance(items, dict) else items):
+        groups.setdefault(tuple(shape_of(it)), []).append(it)
+    return list(groups.values())
+
+
 class FeatureCache:
     """LRU of per-slice image-encoder features, bounded in bytes.
 
@@ -348,13 +357,15 @@ class RagSam2Engine:
             else:
                 found[k] = mem
         if todo:
-            loaded = [s.load() for s in todo.values()]
-            images = self.prepare_images(np.stack([img for img, _ in loaded]))
-            feats = self.encode_images(images)
-            for i, (k, (_, mask)) in enumerate(zip(todo, loaded)):
-                mem = self.encode_support(feats.select([i]), self.prepare_mask(mask))
-                self.cache.put(k, mem)
-                found[k] = mem
+            loaded = dict(zip(todo, (s.load() for s in todo.values())))
+            # supports from different images may differ in size: encode each size as one batch
+            for group in group_by_shape(loaded, lambda kv: kv[1][0].shape):
+                images = self.prepare_images(np.stack([img for _, (img, _) in group]))
+                feats = self.encode_images(images)
+                for i, (k, (_, mask)) in enumerate(group):
+                    mem = self.encode_support(feats.select([i]), self.prepare_mask(mask))
+                    self.cache.put(k, mem)
+                    found[k] = mem
         if self._pos_enc is None and found:
             self._init_pos_enc()
         return [found[k] for k in keys]

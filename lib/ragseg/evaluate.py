@@ -329,8 +329,8 @@ class Harness:
         from .litemedsam import LiteMedSamEngine, SupportEmbedding
 
         adapter = LiteMedSamAdapter(self.models.lite())
-        sl = np.stack([s.slices[z] for s, z in case.pool])
-        lb = np.stack([s.labels[z] for s, z in case.pool])
+        sl = [s.slices[z] for s, z in case.pool]  # any in-plane sizes
+        lb = [s.labels[z] for s, z in case.pool]
         ts = build_training_set(adapter, sl, lb, self.labels)
         dec = PrototypeDecoder(adapter, location_prior=self.cfg.location_prior)
         res = finetune(dec, ts, epochs=self.cfg.finetune_epochs, seed=case.seed)
@@ -422,12 +422,15 @@ def train_unet_predict(pool: list[tuple[np.ndarray, np.ndarray]], queries: np.nd
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    x = resize_slices(np.stack([p[0] for p in pool]), size)  # [n, 1, S, S]
-    lab = np.stack([p[1] for p in pool])
-    y = np.zeros(lab.shape, np.int64)
-    for i, v in enumerate(labels):
-        y[lab == v] = i + 1
-    y = F.interpolate(torch.from_numpy(y)[:, None].float(), size=(size, size), mode="nearest").long()
+    # each slice to size x size on its own (pool slices of different patients differ in size)
+    x = torch.cat([resize_slices(p[0][None], size) for p in pool])  # [n, 1, S, S]
+    ys = []
+    for _, lab in pool:
+        y = np.zeros(lab.shape, np.int64)
+        for i, v in enumerate(labels):
+            y[lab == v] = i + 1
+        ys.append(F.interpolate(torch.from_numpy(y)[None, None].float(), size=(size, size), mode="nearest").long())
+    y = torch.cat(ys)
     net = UNet(spatial_dims=2, in_channels=1, out_channels=len(labels) + 1, channels=(16, 32, 64, 128),
                strides=(2, 2, 2), num_res_units=1)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)

@@ -250,9 +250,33 @@ class TrainingSet:
         return int(self.grid_masks.shape[0])
 
 
-def build_training_set(adapter: DecoderAdapter, slices01: np.ndarray, label_slices: np.ndarray,
-                       labels: Sequence[int], out_size: int | None = None) -> TrainingSet:
-    """Encode ``slices01`` [N, H, W] once and derive per-label masks from ``label_slices`` [N, H, W]."""
+def build_training_set(adapter: DecoderAdapter, slices01: np.ndarray | Sequence[np.ndarray],
+                       label_slices: np.ndarray | Sequence[np.ndarray], labels: Sequence[int],
+                       out_size: int | None = None) -> TrainingSet:
+    """Encode the slices once and derive per-label masks from their label slices.
+
+    ``slices01`` / ``label_slices``: an [N, H, W] array, or a list of [H_i, W_i] slices of any
+    sizes (patients scanned differently): every slice goes to the model's input frame, its masks
+    to the embedding grid and the output size, so all items share one set of shapes; order kept.
+    """
+    from .engine import group_by_shape
+
+    sl, lb = list(slices01), list(label_slices)
+    if len(sl) != len(lb) or any(a.shape != b.shape for a, b in zip(sl, lb)):
+        raise RagsegError("each slice needs a label slice of the same shape")
+    groups = group_by_shape(list(range(len(sl))), lambda i: sl[i].shape)
+    if len(groups) == 1:
+        return _training_set(adapter, np.stack(sl), np.stack(lb), labels, out_size)
+    parts = [_training_set(adapter, np.stack([sl[i] for i in g]), np.stack([lb[i] for i in g]), labels, out_size)
+             for g in groups]
+    back = torch.as_tensor(np.argsort(np.concatenate(groups), kind="stable"))  # undo the grouping
+    feats = {k: torch.cat([p.feats[k] for p in parts])[back] for k in parts[0].feats}
+    return TrainingSet(feats, torch.cat([p.grid_masks for p in parts])[back],
+                       torch.cat([p.targets for p in parts])[back], list(labels), sum(p.encode_s for p in parts))
+
+
+def _training_set(adapter: DecoderAdapter, slices01: np.ndarray, label_slices: np.ndarray,
+                  labels: Sequence[int], out_size: int | None) -> TrainingSet:
     t = time.perf_counter()
     feats = {k: v.detach().float().cpu() for k, v in adapter.encode(slices01).items()}
     enc = time.perf_counter() - t

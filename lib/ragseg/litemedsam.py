@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from . import defaults
-from .engine import FeatureCache, Support, SupportMemoryCache
+from .engine import FeatureCache, Support, SupportMemoryCache, group_by_shape
 from .volume import resize_slices
 
 logger = logging.getLogger(__name__)
@@ -245,13 +245,16 @@ class LiteMedSamEngine:
             if hit is None:
                 todo.append(i)
         if todo:
-            loaded = [supports[i].load() for i in todo]
-            emb = self.lite.embeddings(np.stack([img for img, _ in loaded]))
-            masks = mask_grid(np.stack([m for _, m in loaded]).astype(bool), EMBED_SIZE)
-            for j, i in enumerate(todo):
-                se = SupportEmbedding(emb[j].to(torch.float16), masks[j])
-                self.cache.put(self._key(supports[i]), se)
-                out[i] = se
+            loaded = [(i, supports[i].load()) for i in todo]
+            # supports of different in-plane sizes: each goes to the 256 model frame (image) and
+            # the 64 grid (mask) on its own; one batch per size
+            for group in group_by_shape(loaded, lambda it: it[1][0].shape):
+                emb = self.lite.embeddings(np.stack([img for _, (img, _) in group]))
+                masks = mask_grid(np.stack([m for _, (_, m) in group]).astype(bool), EMBED_SIZE)
+                for j, (i, _) in enumerate(group):
+                    se = SupportEmbedding(emb[j].to(torch.float16), masks[j])
+                    self.cache.put(self._key(supports[i]), se)
+                    out[i] = se
         return out  # type: ignore[return-value]
 
     def warm_supports(self, supports: Sequence[Support]) -> int:

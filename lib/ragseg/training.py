@@ -26,11 +26,11 @@ logger = logging.getLogger(__name__)
 
 
 def labeled_slices(items: Sequence[LabeledVolume], pre: Preprocess, labels: Sequence[int] | None = None
-                   ) -> tuple[np.ndarray, np.ndarray, list[int], list[str]]:
-    """Every slice carrying a label: (slices [N, H, W], label slices [N, H, W], labels, identity parts).
+                   ) -> tuple[list[np.ndarray], list[np.ndarray], list[int], list[str]]:
+    """Every slice carrying a label: (slices, label slices, labels, identity parts).
 
-    Slices of different sizes cannot share a batch, so all volumes must slice to the same shape
-    (a clear error otherwise).
+    Slices are lists of [H, W] arrays: volumes of a data set may slice to different sizes, which
+    :func:`ragseg.fewshot.build_training_set` takes as they are.
     """
     sl, lb, ident = [], [], []
     for it in items:
@@ -40,18 +40,14 @@ def labeled_slices(items: Sequence[LabeledVolume], pre: Preprocess, labels: Sequ
         keep = np.nonzero((ls > 0).any((1, 2)) if labels is None else np.isin(ls, list(labels)).any((1, 2)))[0]
         if len(keep) == 0:
             continue
-        if sl and s.shape[1:] != sl[0].shape[1:]:
-            raise RagsegError(f"{it.image_id}: slices are {s.shape[1:]}, others {sl[0].shape[1:]}; "
-                              "fine-tuning needs one slice size per run")
-        sl.append(s[keep])
-        lb.append(ls[keep])
+        sl += list(s[keep])
+        lb += list(ls[keep])
         ident.append(f"{file_checksum(it.image_path)}|{file_checksum(it.label_path)}|{pre.id}|"
                      f"{','.join(map(str, keep))}")
     if not sl:
         raise RagsegError("no labeled slice to fine-tune on")
-    slices, labs = np.concatenate(sl), np.concatenate(lb)
-    found = sorted(int(v) for v in np.unique(labs) if v > 0)
-    return slices, labs, (sorted(labels) if labels is not None else found), ident
+    found = sorted({int(v) for x in lb for v in np.unique(x) if v > 0})
+    return sl, lb, (sorted(labels) if labels is not None else found), ident
 
 
 def train_decoder(items: Sequence[LabeledVolume], adapter: DecoderAdapter, pre: Preprocess, out_dir: str | Path, *,
@@ -63,7 +59,7 @@ def train_decoder(items: Sequence[LabeledVolume], adapter: DecoderAdapter, pre: 
     """Fine-tune a prototype decoder on the labeled slices of ``items`` and save it to ``out_dir``."""
     t0 = time.perf_counter()
     slices, labs, labels, ident = labeled_slices(items, pre, labels)
-    missing = [v for v in labels if not (labs == v).any()]
+    missing = [v for v in labels if not any((x == v).any() for x in labs)]
     if missing:
         raise RagsegError(f"labels {missing} have no labeled slice")
     ts = build_training_set(adapter, slices, labs, labels)
