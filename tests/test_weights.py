@@ -17,53 +17,107 @@ from ragseg.errors import ChecksumError, RagsegError, WeightsMissingError
 
 @pytest.fixture()
 def mirror(tmp_path, monkeypatch):
-    """A loopback HTTP server acting as a site mirror of the weights."""
+    """A loopback HTTP server acting as a site mirror (``<mirror>/<name>/<file>``); returns its folder."""
     root = tmp_path / "mirror"
-    (root / "sam2.1-hiera-tiny").mkdir(parents=True)
-    payload = b"not really a checkpoint " * 1000
-    (root / "sam2.1-hiera-tiny" / "sam2.1_hiera_tiny.pt").write_bytes(payload)
+    root.mkdir()
     handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
     handler.log_message = lambda *a, **k: None
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     monkeypatch.setenv("RAGSEG_WEIGHTS_MIRROR", f"http://127.0.0.1:{srv.server_address[1]}")
     monkeypatch.setenv("RAGSEG_WEIGHTS_DIR", str(tmp_path / "weights"))
-    yield hashlib.sha256(payload).hexdigest()
+    yield root
     srv.shutdown()
 
 
-def test_registry_has_all_official_checkpoints():
+def _serve(root, name: str, files: dict[str, bytes]) -> None:
+    (root / name).mkdir(parents=True, exist_ok=True)
+    for f, data in files.items():
+        (root / name / f).write_bytes(data)
+
+
+def test_registry_has_all_official_checkpoints_with_digests():
     names = set(weights.REGISTRY)
     for n in ("sam2.1-hiera-tiny", "sam2.1-hiera-small", "sam2.1-hiera-base-plus", "sam2.1-hiera-large",
               "dinov2-small", "dinov2-base", "dinov2-large", "dinov2-giant", "dinov2-with-registers-small"):
         assert n in names
     assert weights.REGISTRY["sam2.1-hiera-large"].files[0].url.endswith("/092824/sam2.1_hiera_large.pt")
+    hexd = set("0123456789abcdef")
+    for spec in weights.REGISTRY.values():
+        for wf in spec.files:
+            assert wf.sha256 is None or (len(wf.sha256) == 64 and set(wf.sha256) <= hexd), (spec.name, wf)
+            assert (wf.sha256 is None) == (wf.size is None), (spec.name, wf)
+    for n in ("sam2.1-hiera-tiny", "sam2.1-hiera-small", "sam2.1-hiera-base-plus", "sam2.1-hiera-large",
+              "dinov2-small"):
+        assert all(wf.sha256 for wf in weights.REGISTRY[n].files), n  # every file known
+        assert weights.digest_status(weights.REGISTRY[n]) == "known"
+    for n in ("dinov2-base", "dinov2-large", "dinov2-giant"):
+        sf = next(wf for wf in weights.REGISTRY[n].files if wf.filename == "model.safetensors")
+        assert sf.sha256 and weights.digest_status(weights.REGISTRY[n]).startswith("weights known")
+    # dinov2-small comes from the revision its digests belong to
+    small = weights.REGISTRY["dinov2-small"]
+    assert {wf.filename for wf in small.files} == {"config.json", "preprocessor_config.json", "model.safetensors"}
+    assert all(f"/resolve/{weights.DINOV2_SMALL_REVISION}/" in wf.url for wf in small.files)
+    rows = {r["name"]: r for r in weights.list_weights()}
+    assert rows["sam2.1-hiera-tiny"]["digest"] == "known"
+    assert rows["dinov2-with-registers-small"]["digest"].startswith("unknown")
 
 
-def test_fetch_verifies_digest(mirror, tmp_path):
-    with pytest.raises(ChecksumError, match="no known SHA-256"):
+def test_wrong_size_or_digest_from_the_mirror_is_refused_and_not_kept(mirror, tmp_path):
+    dest = tmp_path / "weights" / "dinov2-small"
+    cfg = next(wf for wf in weights.REGISTRY["dinov2-small"].files if wf.filename == "config.json")
+    _serve(mirror, "dinov2-small", {"config.json": b"x" * (cfg.size - 1)})
+    with pytest.raises(ChecksumError, match=r"size 546 bytes, expected 547"):
+        weights.fetch("dinov2-small")
+    assert list(dest.iterdir()) == []  # nothing kept, no temp file
+    _serve(mirror, "dinov2-small", {"config.json": b"x" * cfg.size})  # right size, wrong bytes
+    with pytest.raises(ChecksumError, match="size right but SHA-256"):
+        weights.fetch("dinov2-small")
+    assert list(dest.iterdir()) == []
+    # a checkpoint of the wrong size is refused from the announced length, before its body is read
+    _serve(mirror, "sam2.1-hiera-tiny", {"sam2.1_hiera_tiny.pt": b"not really a checkpoint"})
+    with pytest.raises(ChecksumError, match="size 23 bytes, expected 156008466; not downloaded"):
         weights.fetch("sam2.1-hiera-tiny")
+    assert list((tmp_path / "weights" / "sam2.1-hiera-tiny").iterdir()) == []
+    # a file on disk of the wrong size is caught by verify, size first
+    (dest / "config.json").write_bytes(b"{}")
+    for f in ("preprocessor_config.json", "model.safetensors"):
+        (dest / f).write_bytes(b"{}")
+    with pytest.raises(ChecksumError, match="size 2 bytes, expected 547"):
+        weights.verify("dinov2-small")
+
+
+def test_unknown_digest_needs_sha256_or_pin(mirror, tmp_path):
+    name = "dinov2-with-registers-small"
+    payload = b"not really safetensors " * 1000
+    _serve(mirror, name, {"config.json": b"{}", "preprocessor_config.json": b"{}", "model.safetensors": payload})
+    digest = hashlib.sha256(payload).hexdigest()
+    with pytest.raises(ChecksumError, match="no known SHA-256"):
+        weights.fetch(name)
     with pytest.raises(ChecksumError, match="does not match"):
-        weights.fetch("sam2.1-hiera-tiny", sha256="0" * 64)
-    dest = tmp_path / "weights" / "sam2.1-hiera-tiny"
-    assert not (dest / "sam2.1_hiera_tiny.pt").exists()  # a bad download is discarded
-    assert list(dest.iterdir()) == []  # and leaves no temp file
-    d = weights.fetch("sam2.1-hiera-tiny", sha256=mirror)
-    assert weights.sha256_of(d / "sam2.1_hiera_tiny.pt") == mirror
-    assert weights.verify("sam2.1-hiera-tiny") == {"sam2.1_hiera_tiny.pt": "ok"}
-    # a file changed on disk after fetch is caught
-    (d / "sam2.1_hiera_tiny.pt").write_bytes(b"tampered")
+        weights.fetch(name, sha256="0" * 64)
+    dest = tmp_path / "weights" / name
+    assert not (dest / "model.safetensors").exists()
+    d = weights.fetch(name, sha256=digest)  # weights by the given digest, configs pinned on first use
+    assert weights.sha256_of(d / "model.safetensors") == digest
+    # the given digest is remembered, so later loads are checked too
+    assert weights.verify(name) == {"config.json": "ok", "preprocessor_config.json": "ok", "model.safetensors": "ok"}
+    (d / "config.json").write_bytes(b'{"tampered": 1}')
     with pytest.raises(ChecksumError):
-        weights.verify("sam2.1-hiera-tiny")
+        weights.verify(name)
     rows = {r["name"]: r["state"] for r in weights.list_weights()}
-    assert rows["sam2.1-hiera-tiny"] == "CHECKSUM MISMATCH" and rows["dinov2-small"] == "missing"
+    assert rows[name] == "CHECKSUM MISMATCH" and rows["dinov2-small"] == "missing"
 
 
 def test_fetch_pin_trust_on_first_use(mirror):
-    d = weights.fetch("sam2.1-hiera-tiny", pin=True)
-    assert weights.verify("sam2.1-hiera-tiny") == {"sam2.1_hiera_tiny.pt": "ok"}
-    assert weights.expected_sha256(weights.REGISTRY["sam2.1-hiera-tiny"],
-                                   weights.REGISTRY["sam2.1-hiera-tiny"].files[0]) == mirror
+    name = "dinov2-with-registers-base"
+    payload = b"weights " * 100
+    _serve(mirror, name, {"config.json": b"{}", "preprocessor_config.json": b"{}", "model.safetensors": payload})
+    d = weights.fetch(name, pin=True)
+    assert set(weights.verify(name).values()) == {"ok"}
+    spec = weights.REGISTRY[name]
+    sf = next(wf for wf in spec.files if wf.filename == "model.safetensors")
+    assert weights.expected_sha256(spec, sf) == hashlib.sha256(payload).hexdigest()
     assert d.exists()
 
 

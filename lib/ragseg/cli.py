@@ -74,8 +74,10 @@ def cmd_weights(a: argparse.Namespace) -> int:
 
     root = Path(a.dir) if a.dir else None
     if a.action == "list":
+        print(f"{'name':30s} {'kind':7s} {'state':20s} digest")
         for r in weights.list_weights(root):
-            print(f"{r['name']:32s} {r['kind']:7s} {r['state']:20s} {r['path']}")
+            print(f"{r['name']:30s} {r['kind']:7s} {r['state']:20s} {r['digest']}")
+        print(f"(in {root or weights.weights_dir()})")
         return 0
     if not a.name:
         raise RagsegError(f"weights {a.action}: name a checkpoint (see `ragseg weights list`)")
