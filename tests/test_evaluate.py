@@ -27,6 +27,8 @@ def test_harness_outputs_and_dice_match_numpy(tmp_path):
            "--modality", "CT", "--save-predictions", "--out", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
+    # long stages say what they are doing: a progress bar in slices/s while encoding
+    assert "encoding slices: 100%" in r.stderr and "slice/s" in r.stderr and "loading volumes" in r.stderr
 
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert list(rows[0]) == ["case", "subject", "seed", "method", "k", "class", "label", "dice", "hd95", "gt_voxels",

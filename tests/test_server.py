@@ -111,6 +111,7 @@ def test_startup_indexes_existing_labels_and_reports_status(server):
     info = server.info()
     st = info["ragseg"]
     assert st["usable"] and st["random_weights"] and "RANDOM WEIGHTS" in st["warning"]
+    assert st["backend"] == "rag-sam2" and st["image_size"] == 128
     assert info["models"]["ragseg"]["type"] == "segmentation"
     assert info["models"]["ragseg"]["labels"] == {"liver": 1, "spleen": 2, "kidney": 3}
     assert set(info["strategies"]) >= {"diversity", "random", "first"}

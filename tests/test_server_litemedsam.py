@@ -51,6 +51,7 @@ def test_default_backend_is_litemedsam_and_segments(server, tmp_path):
     assert "ragseg weights fetch sam2.1-hiera-tiny" in st["backend_reason"]
     assert st["retrieval"] == "litemedsam" and "DINOv2 unavailable" in st["retrieval_reason"]
     assert st["mode"] == "training-free prototype boxes" and not st["random_weights"]
+    assert st["image_size"] == 256  # the serving model's input size, not SAM 2's 1024
     status, body = _infer(server, "subject_03", {"k": 2})
     assert status == 200, body[:500]
     dice = _dice(server, body, "subject_03", tmp_path, 1)

@@ -129,14 +129,14 @@ class Case:
     pool: list[tuple[Subject, int]]  # (subject, slice) labeled for every evaluated class
 
 
-def _load_subjects(cfg: EvalConfig, pre: Preprocess) -> list[Subject]:
+def _load_subjects(cfg: EvalConfig, pre: Preprocess, progress: bool = False) -> list[Subject]:
     items = discover_pairs(cfg.images, cfg.labels, image_suffix=cfg.image_suffix, label_suffix=cfg.label_suffix)
     if cfg.subjects:
         items = [it for it in items if it.image_id in cfg.subjects]
     if not items:
         raise RagsegError(f"no image in {cfg.images} has a label of the same name in {cfg.labels}")
     out = []
-    for it in items:
+    for it in tqdm(items, desc="loading volumes", unit="vol", disable=not progress):
         img = load_image(it.image_path)
         lab = load_label(it.label_path, like=img)
         sp = slice_spacing(img.affine, pre.axis_index)
@@ -239,6 +239,22 @@ class Harness:
             out.append([[self._support(*cand[j], v) for j in rng.choice(len(cand), kk, replace=False)]
                         for _ in case.query_slices])
         return out
+
+    def encode(self, subjects: list[Subject], progress: bool = True, chunk: int = 8) -> None:
+        """Encode every slice once up front (the slow stage on a CPU), with a progress bar in slices/s.
+
+        Embeddings land in the models' content-keyed caches, so the cases reuse them.
+        """
+        lite_too = self.models.backend == "litemedsam" and not hasattr(self.embedder, "lite")
+        total = sum(len(s.slices) for s in subjects)
+        with tqdm(total=total, desc="encoding slices", unit="slice", disable=not progress) as bar:
+            for s in subjects:
+                for a in range(0, len(s.slices), chunk):
+                    part = s.slices[a:a + chunk]
+                    self.embedder.embed(part)
+                    if lite_too:
+                        self.models.lite().embeddings(part)
+                    bar.update(len(part))
 
     # the product path ----------------------------------------------------------------------------
     def pool_index(self, case: Case):
@@ -593,10 +609,11 @@ def run_evaluation(cfg: EvalConfig, command: str = "", progress: bool = True) ->
     """Load data, build cases, run every method, write the reports; returns the summary."""
     t0 = time.perf_counter()
     h = Harness(cfg)
-    subjects = _load_subjects(cfg, h.pre)
+    subjects = _load_subjects(cfg, h.pre, progress)
     cases = _intra_cases(subjects, cfg) if cfg.mode == "intra" else _loso_cases(subjects, cfg)
     if not cases:
         raise RagsegError("no evaluation case: no subject carries any of the classes")
+    h.encode(subjects, progress=progress)
     rows = h.run(cases, progress=progress)
     m = h.models
     models = f"backend {m.backend} ({m.backend_reason}); retrieval {m.retrieval} ({m.retrieval_reason})"

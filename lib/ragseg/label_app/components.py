@@ -14,6 +14,7 @@ from ..embedders import Embedder
 from ..errors import RagsegError
 from ..factory import ModelConfig, ModelSet
 from ..index import SliceIndex
+from ..litemedsam import IMAGE_SIZE as LITEMEDSAM_IMAGE_SIZE
 from ..pipeline import Preprocess, SegmentationEngine, Segmenter, open_index
 from .config import AppConfig
 
@@ -163,7 +164,9 @@ class Components:
             "usable": usable,
             "reasons": dict(self.errors),
             "random_weights": c.random_weights_for_testing,
-            "sam2": c.sam2_checkpoint, "dinov2": c.dinov2, "image_size": c.image_size, "k": c.k,
+            "sam2": c.sam2_checkpoint, "dinov2": c.dinov2, "k": c.k,
+            # the input size of the model actually serving (LiteMedSAM's is fixed)
+            "image_size": c.image_size if self.backend == "rag-sam2" else LITEMEDSAM_IMAGE_SIZE,
         }
         if c.random_weights_for_testing:
             st["warning"] = "RANDOM WEIGHTS (random_weights_for_testing=true): masks are meaningless; tests only"
