@@ -8,9 +8,15 @@ cd "$root"
 bash scripts/setup_env.sh
 # this checkout's code, even if the shared venv's editable install points at another clone
 export PYTHONPATH="$root/lib${PYTHONPATH:+:$PYTHONPATH}"
-data="${RAGSEG_STUDIES:-sample-datasets/synthetic-abdomen}"
+# Default: the example CT (3 labeled axial slices; Auto-segmentation segments the other 27).
+# RAGSEG_STUDIES=sample-datasets/synthetic-abdomen: 8 generated subjects, 2 labeled (cross-subject
+# demo and active learning), generated on first use.
+data="${RAGSEG_STUDIES:-sample-datasets/totalseg-ct}"
 if [ ! -d "$data" ]; then
-  .venv/bin/ragseg sample-data "$data" --subjects 8 --labeled 2
+  case "$data" in
+    *synthetic-abdomen*) .venv/bin/ragseg sample-data "$data" --subjects 8 --labeled 2 ;;
+    *) echo "run_server: no datastore folder at $data" >&2; exit 1 ;;
+  esac
 fi
 export PATH="$root/.venv/bin:$PATH"
 exec monailabel start_server --app apps/ragseg --studies "$data" --host 127.0.0.1 --port 8000 \
