@@ -12,6 +12,10 @@ export PYTHONPATH="$root/lib${PYTHONPATH:+:$PYTHONPATH}"
 # RAGSEG_STUDIES=sample-datasets/synthetic-abdomen: 8 generated subjects, 2 labeled (cross-subject
 # demo and active learning), generated on first use.
 data="${RAGSEG_STUDIES:-sample-datasets/totalseg-ct}"
+case "$data" in
+  *synthetic-abdomen*) labels="liver=1,spleen=2,kidney=3" ;;
+  *) labels="${RAGSEG_LABELS:-liver=1,spleen=2,kidney_right=3,kidney_left=4}" ;;
+esac
 if [ ! -d "$data" ]; then
   case "$data" in
     *synthetic-abdomen*) .venv/bin/ragseg sample-data "$data" --subjects 8 --labeled 2 ;;
@@ -20,4 +24,4 @@ if [ ! -d "$data" ]; then
 fi
 export PATH="$root/.venv/bin:$PATH"
 exec monailabel start_server --app apps/ragseg --studies "$data" --host 127.0.0.1 --port 8000 \
-  --conf labels "liver=1,spleen=2,kidney=3" "$@"
+  --conf labels "$labels" "$@"
