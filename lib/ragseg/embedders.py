@@ -41,6 +41,23 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     return (x / np.maximum(n, eps)).astype(np.float32, copy=False)
 
 
+def preprocessor_norm(folder: Path | None) -> dict:
+    """``{'mean', 'std'}`` from a checkpoint folder's ``preprocessor_config.json`` ({} if absent)."""
+    import json
+
+    p = Path(folder) / "preprocessor_config.json" if folder else None
+    if p is None or not p.is_file():
+        return {}
+    try:
+        cfg = json.loads(p.read_text())
+        out = {"mean": tuple(float(x) for x in cfg["image_mean"]), "std": tuple(float(x) for x in cfg["image_std"])}
+    except (ValueError, KeyError, TypeError) as e:
+        raise RagsegError(f"{p}: unreadable image_mean/image_std ({e})") from None
+    if len(out["mean"]) != 3 or len(out["std"]) != 3 or min(out["std"]) <= 0:
+        raise RagsegError(f"{p}: image_mean/image_std must be 3 numbers each, std > 0")
+    return out
+
+
 def pick_device(device: str = "auto") -> torch.device:
     """'auto' -> CUDA when present, else CPU; otherwise the named device (checked to exist)."""
     if device == "auto":
@@ -61,11 +78,20 @@ class DinoV2Embedder:
         image_size: side of the square input; a multiple of the patch size.
         batch_size: slices per forward pass.
         device: 'auto', 'cpu', 'cuda', 'cuda:1', ...
+        mean, std: input normalisation; :meth:`from_pretrained` takes them from the checkpoint's
+            ``preprocessor_config.json`` (ImageNet's for the official DINOv2 checkpoints).
+
+    Preprocessing differs from the checkpoint's image processor on purpose in one way: the whole
+    slice is resized to ``image_size`` x ``image_size`` (bilinear, antialiased when shrinking)
+    instead of shortest edge 256 then a 224 centre crop. A crop would drop the slice's borders,
+    where anatomy that tells slices apart lies (a photo's subject is centred; a slice's is not),
+    and a fixed square keeps one batch shape for slices of any size.
     """
 
     def __init__(self, model: torch.nn.Module, *, name: str, pooling: str = "cls",
                  image_size: int = defaults.DINOV2_IMAGE_SIZE, batch_size: int = defaults.EMBED_BATCH,
-                 device: str = "auto"):
+                 device: str = "auto", mean: tuple[float, ...] = defaults.IMAGENET_MEAN,
+                 std: tuple[float, ...] = defaults.IMAGENET_STD):
         if pooling not in POOLINGS:
             raise RagsegError(f"unknown pooling {pooling!r}; use one of {', '.join(POOLINGS)}")
         patch = int(model.config.patch_size)
@@ -78,7 +104,10 @@ class DinoV2Embedder:
         self.batch_size = max(1, int(batch_size))
         self.num_registers = int(getattr(model.config, "num_register_tokens", 0) or 0)
         self.dim = int(model.config.hidden_size)
-        self.id = f"dinov2:{name}:{pooling}:{image_size}"
+        self.mean, self.std = tuple(float(x) for x in mean), tuple(float(x) for x in std)
+        norm = "" if (self.mean, self.std) == (defaults.IMAGENET_MEAN, defaults.IMAGENET_STD) else (
+            ":norm" + ",".join(f"{x:g}" for x in self.mean + self.std))
+        self.id = f"dinov2:{name}:{pooling}:{image_size}{norm}"
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -107,7 +136,11 @@ class DinoV2Embedder:
             raise RagsegError(f"DINOv2 weights at {local or name_or_path} do not match the model they declare "
                               f"({detail}); not using them. Re-fetch with `{fetch_command_for(name_or_path)}`")
         name = Path(name_or_path).name if local else name_or_path
-        return cls(model, name=name, **kwargs)
+        return cls(model, name=name, **{**preprocessor_norm(local), **kwargs})
+
+    def model_input(self, slices01: torch.Tensor) -> torch.Tensor:
+        """[n, 1, S, S] in [0, 1] -> [n, 3, S, S] normalised with the checkpoint's mean/std."""
+        return to_model_input(slices01, self.mean, self.std)
 
     @classmethod
     def random(cls, *, seed: int = 0, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 2,
@@ -131,7 +164,7 @@ class DinoV2Embedder:
         out = []
         for s in range(0, n, self.batch_size):
             x = resize_slices(slices[s:s + self.batch_size], self.image_size)
-            x = to_model_input(x).to(self.device)
+            x = self.model_input(x).to(self.device)
             hidden = self.model(pixel_values=x).last_hidden_state  # [b, 1 + regs + patches, d]
             if self.pooling == "cls":
                 feat = hidden[:, 0]
