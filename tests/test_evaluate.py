@@ -73,3 +73,30 @@ def test_dice_and_hd95_helpers():
     assert hd95(a, b, (1.0, 1.0, 3.0)) == pytest.approx(6.0)
     assert hd95(a, b, (1.0, 3.0, 1.0)) == pytest.approx(2.0)
     assert np.isnan(hd95(a, np.zeros_like(a), (1, 1, 1)))
+
+
+def test_loso_never_splits_a_patient():
+    """ED and ES of one heart are one patient: never one in the pool and the other queried."""
+    from ragseg.evaluate import EvalConfig, Subject, _loso_cases
+
+    lab = np.zeros((3, 4, 4), np.int32)
+    lab[1, 1:3, 1:3] = 1
+    ids = [f"patient{p:03d}_frame{f:02d}" for p in (1, 2, 3, 4) for f in (1, 12)] + ["loner"]
+    subjects = [Subject(i, np.zeros((3, 4, 4), np.float32), lab, (1.0, 1.0, 1.0),
+                        group=__import__("re").match(EvalConfig.group_pattern, i).group(1)) for i in ids]
+    cfg = EvalConfig(images="", labels=None, out="", classes={"x": 1}, mode="loso", n_support=2, seeds=[0, 1])
+    cfg.validate()
+    cases = _loso_cases(subjects, cfg)
+    assert len(cases) == len(ids) * 2  # every volume of every held-out patient, per seed
+    for c in cases:
+        pool_groups = {s.group for s, _ in c.pool}
+        assert c.query.group not in pool_groups and len(pool_groups) == 2, (c.name, pool_groups)
+        assert all(z == 1 for _, z in c.pool)  # only labeled slices
+        # both volumes of a chosen patient are in the pool
+        for g in pool_groups - {"loner"}:
+            assert {s.id for s, _ in c.pool if s.group == g} == {f"{g}_frame01", f"{g}_frame12"}
+    # the two volumes of one patient get the same pool for a seed
+    by = {c.name: c for c in cases}
+    assert [(s.id, z) for s, z in by["patient001_frame01-s0"].pool] == [(s.id, z) for s, z in by["patient001_frame12-s0"].pool]
+    with pytest.raises(Exception, match="capture group"):
+        EvalConfig(images="", labels=None, out="", classes={"x": 1}, group_pattern="^patient").validate()

@@ -215,7 +215,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
                      location_prior=None if a.location_prior < 0 else a.location_prior, max_regions=a.max_regions,
                      finetune_epochs=a.finetune_epochs, unet_iters=a.unet_iters,
                      save_predictions=a.save_predictions, figures=not a.no_figures, image_suffix=a.image_suffix,
-                     label_suffix=a.label_suffix, subjects=[x for x in a.subjects.split(",") if x])
+                     label_suffix=a.label_suffix, subjects=[x for x in a.subjects.split(",") if x],
+                     **({"group_pattern": a.group_by} if a.group_by else {}))
     summ = run_evaluation(cfg, command="ragseg " + " ".join(shlex.quote(x) for x in sys.argv[1:]))
     print((Path(a.out) / "summary.md").read_text())
     print(f"wrote {a.out}/results.csv, summary.md, cases.json" + (", dice_by_k.png" if cfg.figures else ""))
@@ -330,11 +331,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--image-suffix", default="", help="image ids end with this (removed to pair), e.g. _flair")
     ev.add_argument("--label-suffix", default="", help="label ids end with this (removed to pair), e.g. _labels")
     ev.add_argument("--subjects", default="", help="only these subject ids, comma-separated")
+    ev.add_argument("--group-by", default=None, metavar="REGEX",
+                    help="loso: regex whose first group is a volume's patient; volumes of one patient are never "
+                         r"split between pool and queries (default: '^(.+?)(?:_frame\d+)?$', ACDC's naming)")
     ev.add_argument("--classes", required=True, help="name=value pairs to evaluate, e.g. liver=5,spleen=1")
     ev.add_argument("--out", required=True, help="output folder")
     ev.add_argument("--mode", choices=("intra", "loso"), default="intra",
-                    help="intra: n labeled slices per class of each volume; loso: leave one subject out")
-    ev.add_argument("--n-support", type=int, default=3, help="labeled slices per class (intra) or subjects (loso)")
+                    help="intra: n labeled slices per class of each volume; loso: leave one patient out")
+    ev.add_argument("--n-support", type=int, default=3, help="labeled slices per class (intra) or patients (loso)")
     ev.add_argument("--k", default="1,3", help="supports per query slice, comma-separated (default: %(default)s)")
     ev.add_argument("--seeds", default="0", help="comma-separated seeds (default: %(default)s)")
     ev.add_argument("--methods", default="retrieved,random,finetuned,gt-box,unet", help="default: %(default)s")

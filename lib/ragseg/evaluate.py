@@ -7,8 +7,10 @@ Protocols:
 * ``intra``: per volume, ``n_support`` slices of each class are "labeled" (one per equal-width
   bin of the class's slice range, chosen by the seed; on a labeled slice every evaluated class
   is labeled, as an annotator would); every other slice is segmented from them.
-* ``loso``: leave one subject out; the labeled slices of ``n_support`` other subjects (chosen
-  by the seed) are the pool; every slice of the held-out subject is segmented.
+* ``loso``: leave one patient out; the labeled slices of ``n_support`` other patients (chosen
+  by the seed) are the pool; every slice of each volume of the held-out patient is segmented.
+  Volumes are grouped into patients by ``group_pattern`` (default: ``patient001_frame01`` and
+  ``patient001_frame12`` are one patient), so two volumes of one heart are never on both sides.
 
 Methods (each on the same cases and seeds):
 
@@ -35,6 +37,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import re
 import shutil
 import tempfile
 import time
@@ -64,6 +67,7 @@ from .volume import Volume, load_image, load_label, save_label, slice_spacing, s
 logger = logging.getLogger(__name__)
 
 METHODS = ("retrieved", "random", "finetuned", "gt-box", "unet")
+DEFAULT_GROUP_PATTERN = r"^(.+?)(?:_frame\d+)?$"  # ACDC: patientNNN_frameXX -> patientNNN
 K_FREE = ("gt-box", "unet")  # methods that use no supports (k reported as 0)
 CSV_COLUMNS = ("case", "subject", "seed", "method", "k", "class", "label", "dice", "hd95", "gt_voxels",
                "pred_voxels", "query_slices", "seconds")
@@ -96,6 +100,8 @@ class EvalConfig:
     image_suffix: str = ""
     label_suffix: str = ""
     subjects: list[str] = field(default_factory=list)  # only these ids (default: all)
+    # regex on a volume id whose first group names its patient (loso never splits a patient)
+    group_pattern: str = DEFAULT_GROUP_PATTERN
 
     def validate(self) -> None:
         if self.mode not in ("intra", "loso"):
@@ -107,6 +113,11 @@ class EvalConfig:
             raise RagsegError("name the classes to evaluate, e.g. --classes liver=5,spleen=1")
         if self.n_support < 1 or any(k < 1 for k in self.ks):
             raise RagsegError("n_support and every k must be >= 1")
+        try:
+            if re.compile(self.group_pattern).groups < 1:
+                raise RagsegError(f"group pattern {self.group_pattern!r} needs a capture group (the patient)")
+        except re.error as e:
+            raise RagsegError(f"group pattern {self.group_pattern!r}: {e}") from None
 
 
 @dataclass
@@ -116,6 +127,7 @@ class Subject:
     labels: np.ndarray  # [n, H, W] int, canonical
     spacing: tuple[float, float, float]  # mm, in the [n, H, W] order of the slices
     image: Volume | None = None  # the image as loaded (its path and grid), for the pool's label files
+    group: str = ""  # the patient this volume belongs to (see EvalConfig.group_pattern)
 
 
 @dataclass
@@ -140,7 +152,9 @@ def _load_subjects(cfg: EvalConfig, pre: Preprocess, progress: bool = False) -> 
         img = load_image(it.image_path)
         lab = load_label(it.label_path, like=img)
         sp = slice_spacing(img.affine, pre.axis_index)
-        out.append(Subject(it.image_id, pre.slices(img), pre.label_slices(lab).astype(np.int32), sp, img))
+        m = re.match(cfg.group_pattern, it.image_id)
+        group = (m.group(1) if m and m.group(1) else it.image_id)
+        out.append(Subject(it.image_id, pre.slices(img), pre.label_slices(lab).astype(np.int32), sp, img, group))
     return out
 
 
@@ -164,18 +178,24 @@ def _intra_cases(subjects: list[Subject], cfg: EvalConfig) -> list[Case]:
 
 
 def _loso_cases(subjects: list[Subject], cfg: EvalConfig) -> list[Case]:
-    if len(subjects) < 2:
-        raise RagsegError("leave-one-subject-out needs at least two labeled subjects")
+    groups: dict[str, list[Subject]] = {}
+    for s in subjects:
+        groups.setdefault(s.group or s.id, []).append(s)
+    names = sorted(groups)
+    if len(names) < 2:
+        raise RagsegError("leave-one-patient-out needs labeled volumes of at least two patients "
+                          f"(grouped by {cfg.group_pattern!r})")
     vals = list(cfg.classes.values())
     cases = []
-    for i, subj in enumerate(subjects):
-        others = [s for j, s in enumerate(subjects) if j != i]
+    for g in names:
+        others = [n for n in names if n != g]
         for seed in cfg.seeds:
-            rng = np.random.default_rng(seed)
+            rng = np.random.default_rng(seed)  # the same patients for every volume of g
             pick = sorted(rng.choice(len(others), size=min(cfg.n_support, len(others)), replace=False).tolist())
-            pool = [(others[j], int(z)) for j in pick
-                    for z in np.nonzero(np.isin(others[j].labels, vals).any((1, 2)))[0]]
-            cases.append(Case(f"{subj.id}-s{seed}", seed, subj, list(range(len(subj.slices))), pool))
+            pool = [(s, int(z)) for j in pick for s in groups[others[j]]
+                    for z in np.nonzero(np.isin(s.labels, vals).any((1, 2)))[0]]
+            for subj in groups[g]:
+                cases.append(Case(f"{subj.id}-s{seed}", seed, subj, list(range(len(subj.slices))), pool))
     return cases
 
 
@@ -513,7 +533,7 @@ def write_reports(rows: list[dict], cfg: EvalConfig, case_info: dict, command: s
     summ = summarize(rows, classes)
     keys = sorted(summ, key=lambda mk: (METHODS.index(mk[0]), mk[1]))
     lines = [f"Command: `{command}`", "",
-             f"Mode `{cfg.mode}`, {cfg.n_support} labeled {'slices per class' if cfg.mode == 'intra' else 'subjects'}, "
+             f"Mode `{cfg.mode}`, {cfg.n_support} labeled {'slices per class' if cfg.mode == 'intra' else 'patients'}, "
              f"{models or 'backend ' + cfg.backend}; seeds {cfg.seeds}, {len(case_info)} cases; "
              f"{elapsed / 60:.1f} min.", "",
              "Dice, mean ± std over cases (k = supports per query slice; 0 = no supports used):", "",
