@@ -42,6 +42,14 @@ OHIF_STATE = """() => {
           spacing: vol ? Array.from(vol.spacing) : null};
 }"""
 
+# the success toast can come before the labelmap volume exists (seen with the CPU busy): wait for it
+LABELMAP_READY = """() => {
+  try {
+    const ss = window.services.segmentationService;
+    return !!(ss.getSegmentations()[0] && ss.getLabelmapVolume('1'));
+  } catch (e) { return false; }
+}"""
+
 STORE = """() => {
   window.__stored = null; window.__storeError = null;
   const ds = window.extensionManager.getActiveDataSource()[0];
@@ -81,6 +89,7 @@ def _round_trip(page, srv, tmp_path, study: str, series: str, tag: str) -> tuple
     t0 = time.time()
     page.locator("button[title='Run Segmentation']").click()
     page.get_by_text("Running Segmentation - Successful").wait_for(timeout=600_000)
+    page.wait_for_function(LABELMAP_READY, timeout=60_000)
     t["auto_segmentation_s"] = time.time() - t0
     state = page.evaluate(OHIF_STATE)
     page.screenshot(path=str(browser_utils.ARTIFACTS / f"ohif_round_trip_{tag}.png"))
