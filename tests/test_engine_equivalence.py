@@ -159,3 +159,21 @@ def test_feature_cache_is_exact_and_bounded(sam2_model, rng):
     small = RagSam2Engine(sam2_model, model_id="f", feature_cache=FeatureCache(max_bytes=2 * per_slice))
     small.encode_images_cached(x)
     assert len(small.features._d) == 2 and small.features._bytes <= 2 * per_slice
+
+
+def test_feature_cache_disk_tier_survives_a_new_process_and_drops_corrupt_files(tmp_path):
+    import torch
+
+    from ragseg.engine import FeatureCache
+
+    a = FeatureCache(max_bytes=1 << 20, directory=tmp_path)
+    x = [torch.arange(12, dtype=torch.float16).reshape(3, 4)]
+    a.put("k1", x)
+    b = FeatureCache(max_bytes=1 << 20, directory=tmp_path)  # a new run: RAM empty, the disk has it
+    got = b.get("k1")
+    assert got is not None and torch.equal(got[0], x[0]) and b.hits == 1
+    assert not list(tmp_path.rglob(".partial-*"))
+    f = next(tmp_path.rglob("k1.pt"))
+    f.write_bytes(b"not a tensor")
+    c = FeatureCache(max_bytes=1 << 20, directory=tmp_path)
+    assert c.get("k1") is None and not f.exists() and c.misses == 1

@@ -104,7 +104,7 @@ class LiteMedSAM:
         out: list[torch.Tensor | None] = [None] * len(x)
         todo = []
         for i, k in enumerate(keys):
-            hit = fc.get(k) if fc.max_bytes > 0 else None
+            hit = fc.get(k) if fc.max_bytes > 0 or fc.directory is not None else None
             if hit is not None:
                 out[i] = hit[0]
             else:
@@ -117,7 +117,7 @@ class LiteMedSAM:
             emb = self.net.image_encoder(xb).to(torch.float16).cpu()
             for j, i in enumerate(idx):
                 out[i] = emb[j].clone()
-                if fc.max_bytes > 0:
+                if fc.max_bytes > 0 or fc.directory is not None:
                     fc.put(keys[i], [out[i]])
         return torch.stack(out).float()  # type: ignore[arg-type]
 
