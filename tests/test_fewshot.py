@@ -196,3 +196,41 @@ def test_decoder_swapped_mid_request_is_not_mixed_into_it():
     assert calls == ["old"] * 3, calls  # every slice of the request by the decoder it started with
     eng.segment_queries(q[:1], [[[sup]]])
     assert calls[3:] == ["new"]  # the next request uses the new one
+
+
+def test_episodes_take_supports_from_other_patients():
+    """With patients named, an episode's supports come from other patients than its query's
+    (as when a new patient is segmented); from the same one only when nobody else has the label."""
+    from ragseg.fewshot import TrainingSet, make_episodes
+
+    class _Adapter:
+        input_size = 32
+
+    class _Decoder:  # prompts are not what this test is about: constant ones
+        use_box = False
+        adapter = _Adapter()
+
+        def prompt(self, query_emb, support_embs, support_masks):
+            return torch.zeros(16), torch.zeros(16), torch.zeros(1, 4)
+
+    n = 12
+    groups = ["a"] * 3 + ["b"] * 4 + ["c"] * 5
+    gm = torch.zeros(n, 2, 8, 8)
+    gm[:, 0, 2:5, 2:5] = 1.0  # label 0 on every slice
+    gm[[0, 1, 2], 1, 4:6, 4:6] = 1.0  # label 1 only on patient a's slices
+    ts = TrainingSet({"embed": torch.randn(n, 16, 8, 8)}, gm, torch.zeros(n, 2, 32, 32, dtype=torch.bool), [1, 2],
+                     groups=groups)
+    eps = make_episodes(_Decoder(), ts, k=3, rng=np.random.default_rng(0))
+    assert sum(e.label_index == 0 for e in eps) == n
+    for e in eps:
+        sup_groups = {groups[i] for i in e.supports}
+        assert e.query not in e.supports
+        if e.label_index == 0:
+            assert groups[e.query] not in sup_groups, e
+        elif e.query in (0, 1, 2):  # only patient a has label 1: its other slices
+            assert sup_groups == {"a"}
+    # without patients, supports of the same patient are drawn too
+    ts.groups = None
+    eps = make_episodes(_Decoder(), ts, k=11, rng=np.random.default_rng(0))
+    e = next(e for e in eps if e.query == 1 and e.label_index == 0)
+    assert {0, 2} <= set(e.supports)

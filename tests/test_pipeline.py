@@ -199,3 +199,43 @@ def test_label_all_local_resumes_and_never_touches_final(tmp_path, dataset):
                      like=load_image(dataset / "subject_03.nii.gz"))
     assert out.shape == SHAPE
     assert {p.name: p.read_bytes() for p in (dataset / "labels" / "final").iterdir()} == final_before
+
+
+def test_label_rule_keeps_an_enclosed_structure_inside_a_filled_ring():
+    """A box-prompted ring (myocardium) comes out as a disk over its cavity: the enclosed, smaller
+    structure wins the overlap, so the ring stays a ring; structures side by side keep argmax."""
+    import torch
+
+    from ragseg.pipeline import logits_to_labels
+
+    yy, xx = np.mgrid[:64, :64]
+    r = np.hypot(yy - 32, xx - 32)
+    disk_out, disk_in = r < 20, r < 12
+    lg = torch.full((1, 3, 64, 64), -5.0)
+    lg[0, 0][torch.from_numpy(disk_out)] = 6.0  # "MYO" decoded as a filled disk, confident everywhere
+    lg[0, 1][torch.from_numpy(disk_in)] = 3.0  # "LV", less confident than the disk
+    lg[0, 2][torch.from_numpy((xx > 54) & (yy < 10))] = 2.0  # a separate structure
+    lg[0, 2][torch.from_numpy(disk_out & (xx > 48))] = 1.0  # overlapping the disk's edge, not enclosed
+    plain = logits_to_labels(lg, [2, 3, 1], nested=False)
+    assert not (plain == 3).any()  # the argmax alone loses the cavity entirely
+    lab = logits_to_labels(lg, [2, 3, 1])
+    assert ((lab == 3) == disk_in).all()
+    assert ((lab == 2) == (disk_out & ~disk_in)).all()  # a ring: the part of the edge the third one lost is kept
+    assert ((lab == 1) == ((xx > 54) & (yy < 10))).all()
+
+
+def test_diverse_supports_spread_over_labeled_images():
+    from types import SimpleNamespace
+
+    from ragseg.pipeline import diverse_top_k
+
+    def hit(img, z):
+        return SimpleNamespace(record=SimpleNamespace(image_id=img, slice_index=z))
+
+    hits = [hit("a", 1), hit("a", 2), hit("a", 3), hit("b", 1), hit("c", 4), hit("b", 2)]
+    got = [(h.record.image_id, h.record.slice_index) for h in diverse_top_k(hits, 3)]
+    assert got == [("a", 1), ("b", 1), ("c", 4)]  # best first, one per image
+    got = [(h.record.image_id, h.record.slice_index) for h in diverse_top_k(hits, 5)]
+    assert got == [("a", 1), ("a", 2), ("b", 1), ("c", 4), ("b", 2)]  # at most ceil(5/3) = 2 per image
+    one = [hit("ct", z) for z in (5, 9, 2, 7)]  # one labeled image (intra-volume): plain top-k
+    assert [h.record.slice_index for h in diverse_top_k(one, 3)] == [5, 9, 2]

@@ -32,9 +32,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # --- models ----------------------------------------------------------------------------------
 SAM2_IMAGE_SIZE = 1024  # official SAM 2.1 input size
 DINOV2_IMAGE_SIZE = 224  # DINOv2 input for retrieval (multiple of its 14-pixel patch)
+DIVERSE_SUPPORTS = True  # spread the k supports over labeled images (pipeline.diverse_top_k)
+DIVERSE_CANDIDATES = 8  # ... chosen among the k * this most similar slices
 DEFAULT_K = 3  # supports retrieved per label
 MAX_K = 16  # SAM 2 attends to at most 16 object pointers; more supports add cost, not pointers
 MASK_THRESHOLD = 0.0  # logit threshold for a binary mask (sigmoid 0.5)
+NESTED_WINS = True  # label rule: a structure enclosed by another's mask wins their overlap (rings)
+NESTED_FRACTION = 0.8  # "enclosed": at least this fraction of the smaller mask inside the larger
 EMBED_BATCH = 16  # slices per DINOv2 forward pass
 ENCODE_BATCH = 4  # slices per SAM 2 image-encoder pass
 
@@ -56,6 +60,14 @@ LOCATION_PRIOR = 2  # embedding cells a query region may lie from the supports' 
 MAX_REGIONS = 1  # coarse regions prompted per label and slice (one box each); more for lesions
 LITEMEDSAM_POOL = 4  # retrieval embedding = LiteMedSAM embedding average-pooled to this grid
 LITEMEDSAM_ENCODE_BATCH = 1  # TinyViT on CPU is fastest per slice at batch 1 (measured, #4)
+
+# --- supervised baselines (evaluate: unet, dynunet) ------------------------------------------------
+BASELINE_SIZE = 256  # slices resized to this side
+BASELINE_BATCH = 8
+BASELINE_MAX_ITERS = 4000
+BASELINE_TIME_LIMIT_S = 600.0  # wall-clock cap on one training
+BASELINE_VAL_EVERY = 50  # iterations between early-stopping validations
+BASELINE_PATIENCE = 10  # validations without improvement before stopping
 
 # --- few-shot decoder fine-tuning ------------------------------------------------------------------
 FINETUNE_EPOCHS = 20

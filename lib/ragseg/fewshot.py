@@ -245,6 +245,7 @@ class TrainingSet:
     targets: torch.Tensor
     labels: list[int]
     encode_s: float = 0.0
+    groups: list[str] | None = None  # the patient of each slice (cross-patient episodes); None: one
 
     def __len__(self) -> int:
         return int(self.grid_masks.shape[0])
@@ -252,8 +253,11 @@ class TrainingSet:
 
 def build_training_set(adapter: DecoderAdapter, slices01: np.ndarray | Sequence[np.ndarray],
                        label_slices: np.ndarray | Sequence[np.ndarray], labels: Sequence[int],
-                       out_size: int | None = None) -> TrainingSet:
+                       out_size: int | None = None, groups: Sequence[str] | None = None) -> TrainingSet:
     """Encode the slices once and derive per-label masks from their label slices.
+
+    ``groups``: the patient of each slice; episodes then take their supports from other patients
+    than the query's whenever the pool has them (as at inference on a new patient).
 
     ``slices01`` / ``label_slices``: an [N, H, W] array, or a list of [H_i, W_i] slices of any
     sizes (patients scanned differently): every slice goes to the model's input frame, its masks
@@ -264,15 +268,21 @@ def build_training_set(adapter: DecoderAdapter, slices01: np.ndarray | Sequence[
     sl, lb = list(slices01), list(label_slices)
     if len(sl) != len(lb) or any(a.shape != b.shape for a, b in zip(sl, lb)):
         raise RagsegError("each slice needs a label slice of the same shape")
-    groups = group_by_shape(list(range(len(sl))), lambda i: sl[i].shape)
-    if len(groups) == 1:
-        return _training_set(adapter, np.stack(sl), np.stack(lb), labels, out_size)
+    if groups is not None and len(groups) != len(sl):
+        raise RagsegError("groups must name the patient of every slice")
+    pats = list(groups) if groups is not None else None
+    shapes = group_by_shape(list(range(len(sl))), lambda i: sl[i].shape)
+    if len(shapes) == 1:
+        ts = _training_set(adapter, np.stack(sl), np.stack(lb), labels, out_size)
+        ts.groups = pats
+        return ts
     parts = [_training_set(adapter, np.stack([sl[i] for i in g]), np.stack([lb[i] for i in g]), labels, out_size)
-             for g in groups]
-    back = torch.as_tensor(np.argsort(np.concatenate(groups), kind="stable"))  # undo the grouping
+             for g in shapes]
+    back = torch.as_tensor(np.argsort(np.concatenate(shapes), kind="stable"))  # undo the grouping
     feats = {k: torch.cat([p.feats[k] for p in parts])[back] for k in parts[0].feats}
     return TrainingSet(feats, torch.cat([p.grid_masks for p in parts])[back],
-                       torch.cat([p.targets for p in parts])[back], list(labels), sum(p.encode_s for p in parts))
+                       torch.cat([p.targets for p in parts])[back], list(labels), sum(p.encode_s for p in parts),
+                       pats)
 
 
 def _training_set(adapter: DecoderAdapter, slices01: np.ndarray, label_slices: np.ndarray,
@@ -301,7 +311,8 @@ class Episode:
 
 def make_episodes(dec: PrototypeDecoder, ts: TrainingSet, k: int, rng: np.random.Generator,
                   jitter: float = 0.0) -> list[Episode]:
-    """One episode per (labeled slice, label): supports = up to k *other* slices with the label.
+    """One episode per (labeled slice, label): supports = up to k *other* slices with the label,
+    from other patients than the query's when ``ts.groups`` names patients and others have it.
 
     The query's own mask never enters its prototypes (as at inference). Episodes where the label
     is absent on the query teach the decoder to answer "nothing" to a look-alike region.
@@ -313,6 +324,9 @@ def make_episodes(dec: PrototypeDecoder, ts: TrainingSet, k: int, rng: np.random
         have = [int(i) for i in torch.nonzero(present[:, li])[:, 0]]
         for q in range(len(ts)):
             others = [i for i in have if i != q]
+            if ts.groups is not None:
+                foreign = [i for i in others if ts.groups[i] != ts.groups[q]]
+                others = foreign or others
             if not others:
                 continue
             sup = sorted(rng.choice(others, size=min(k, len(others)), replace=False).tolist())

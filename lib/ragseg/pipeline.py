@@ -285,15 +285,63 @@ class SliceSegmentation:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def logits_to_labels(logits: torch.Tensor, values: Sequence[int]) -> np.ndarray:
+def logits_to_labels(logits: torch.Tensor, values: Sequence[int], *, nested: bool = defaults.NESTED_WINS) -> np.ndarray:
     """The label rule: per pixel, the label with the highest logit if that logit says "present".
 
     logits: [n, L, H, W]; values: the label value of each of the L channels -> int64 [n, H, W].
+    nested: first, where one label's mask lies (mostly) inside a larger label's mask on a slice,
+        the inner label wins their overlap. Label maps are disjoint, so such an overlap is an
+        error of one of the two, and a box- or prototype-prompted decoder fills what a structure
+        encloses (a ring such as the myocardium comes out as a disk over the cavity), so the
+        enclosed, smaller structure is the one to keep (see :func:`resolve_nested`).
     """
-    best, arg = logits.float().max(dim=1)
+    lg = logits.float()
+    if nested and lg.shape[1] > 1:
+        lg = resolve_nested(lg)
+    best, arg = lg.max(dim=1)
     lab = torch.tensor(list(values), dtype=torch.int64)[arg]
     lab[best <= defaults.MASK_THRESHOLD] = 0
     return lab.numpy()
+
+
+def resolve_nested(logits: torch.Tensor, fraction: float = defaults.NESTED_FRACTION) -> torch.Tensor:
+    """Where label a's mask (logit > threshold) lies at least ``fraction`` inside a larger label
+    b's mask on a slice, b's logits are pushed below a's on a's pixels. Returns a new tensor."""
+    out = logits.clone()
+    masks = logits > defaults.MASK_THRESHOLD  # [n, L, H, W]
+    for i in range(logits.shape[0]):
+        area = masks[i].flatten(1).sum(1)
+        present = [int(j) for j in torch.nonzero(area).flatten()]
+        for a in present:
+            for b in present:
+                if a == b or area[a] >= area[b]:
+                    continue
+                inter = int((masks[i, a] & masks[i, b]).sum())
+                if inter >= fraction * int(area[a]):
+                    m = masks[i, a]
+                    out[i, b][m] = torch.minimum(out[i, b][m], out[i, a][m] - 1.0)
+    return out
+
+
+def diverse_top_k(hits: Sequence, k: int) -> list:
+    """The k best of ``hits`` (best first) with at most ceil(k / images among them) from one image.
+
+    Across patients the most similar slices tend to come from one labeled volume (its contrast,
+    its field of view), and prototypes from one heart carry its particulars; spreading the
+    supports over the labeled volumes averages those out. With one labeled image (intra-volume
+    few-shot) the cap is k: plain top-k.
+    """
+    images = {h.record.image_id for h in hits}
+    cap = -(-k // max(1, len(images)))
+    out, count = [], {}
+    for h in hits:
+        i = h.record.image_id
+        if count.get(i, 0) < cap:
+            out.append(h)
+            count[i] = count.get(i, 0) + 1
+            if len(out) == k:
+                break
+    return out
 
 
 class Segmenter:
@@ -310,16 +358,18 @@ class Segmenter:
             (intra-volume few-shot). Off for leave-one-subject-out evaluation.
         propagate: 3D-consistency mode (track through neighbouring slices, see
             :meth:`RagSam2Engine.propagate`).
+        diverse: spread the k supports over the labeled images (see :func:`diverse_top_k`).
     """
 
     def __init__(self, engine: SegmentationEngine, embedder: Embedder, index: SliceIndex, pre: Preprocess, *,
-                 k: int = defaults.DEFAULT_K, allow_same_image: bool = True, propagate: bool = False):
+                 k: int = defaults.DEFAULT_K, allow_same_image: bool = True, propagate: bool = False,
+                 diverse: bool = defaults.DIVERSE_SUPPORTS):
         if not 1 <= k <= defaults.MAX_K:
             raise RagsegError(f"k must be between 1 and {defaults.MAX_K}, got {k}")
         if index.embedder_id != index_id(embedder, pre):
             raise RagsegError(f"index was built for {index.embedder_id}, not {index_id(embedder, pre)}")
         self.engine, self.embedder, self.index, self.pre = engine, embedder, index, pre
-        self.k, self.allow_same_image, self.propagate = k, allow_same_image, propagate
+        self.k, self.allow_same_image, self.propagate, self.diverse = k, allow_same_image, propagate, diverse
         self.store = SupportStore(pre)
 
     def pool_labels(self) -> list[int]:
@@ -412,8 +462,9 @@ class Segmenter:
                                          exclude_images=excl_img)[0]
                 per_label[v] = [hits[::-1]] * len(sel)
             else:
-                hits = self.index.search(qvec, self.k, label=v, exclude_per_query=own, exclude_images=excl_img)
-                per_label[v] = [h[::-1] for h in hits]
+                fetch = self.k * defaults.DIVERSE_CANDIDATES if self.diverse else self.k
+                hits = self.index.search(qvec, fetch, label=v, exclude_per_query=own, exclude_images=excl_img)
+                per_label[v] = [diverse_top_k(h, self.k)[::-1] if self.diverse else h[::-1] for h in hits]
         tm["retrieval"] = time.perf_counter() - t
         for v in active:
             first = next((h for h in per_label[v] if h), [])
