@@ -23,7 +23,8 @@ def test_harness_outputs_and_dice_match_numpy(tmp_path):
     env = {**os.environ, "RAGSEG_CACHE_DIR": str(tmp_path / "cache")}
     cmd = [sys.executable, "-m", "ragseg.cli", "evaluate", str(root), str(root / "labels" / "final"),
            "--classes", "liver=1,spleen=2", "--mode", "loso", "--n-support", "1", "--k", "1,2",
-           "--methods", "retrieved,random,finetuned,gt-box,unet", "--finetune-epochs", "1", "--unet-iters", "5",
+           "--methods", "retrieved,random,finetuned,gt-box,unet,dynunet", "--finetune-epochs", "1",
+           "--baseline-iters", "6",
            "--modality", "CT", "--save-predictions", "--out", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -31,13 +32,14 @@ def test_harness_outputs_and_dice_match_numpy(tmp_path):
     assert "encoding slices: 100%" in r.stderr and "slice/s" in r.stderr and "loading volumes" in r.stderr
 
     rows = list(csv.DictReader(open(out / "results.csv")))
-    assert list(rows[0]) == ["case", "subject", "seed", "method", "k", "class", "label", "dice", "hd95", "gt_voxels",
-                             "pred_voxels", "query_slices", "seconds"]
-    # 2 cases x 2 classes x (retrieved, random, finetuned at k=1,2 + gt-box + unet)
-    assert len(rows) == 2 * 2 * (3 * 2 + 2)
-    assert {r["method"] for r in rows} == {"retrieved", "random", "finetuned", "gt-box", "unet"}
+    assert list(rows[0]) == ["case", "subject", "patient", "n_support", "seed", "method", "k", "class", "label", "dice",
+                             "hd95", "gt_voxels", "pred_voxels", "query_slices", "seconds"]
+    # 2 cases x 2 classes x (retrieved, random, finetuned at k=1,2 + gt-box + unet + dynunet)
+    assert len(rows) == 2 * 2 * (3 * 2 + 3)
+    assert {r["method"] for r in rows} == {"retrieved", "random", "finetuned", "gt-box", "unet", "dynunet"}
     summary = (out / "summary.md").read_text()
-    assert "| retrieved | 1 |" in summary and "| gt-box | 0 |" in summary and "HD95" in summary
+    assert "| retrieved | 1 | 1 |" in summary and "| gt-box | 1 | 0 |" in summary and "HD95" in summary
+    assert "| dynunet | 1 | 0 |" in summary and "retrieved - random" in summary
     assert "backend litemedsam" in summary
     for f in ("dice_by_k.png", "overlay_best.png", "overlay_worst.png"):
         assert (out / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f
@@ -97,6 +99,66 @@ def test_loso_never_splits_a_patient():
             assert {s.id for s, _ in c.pool if s.group == g} == {f"{g}_frame01", f"{g}_frame12"}
     # the two volumes of one patient get the same pool for a seed
     by = {c.name: c for c in cases}
-    assert [(s.id, z) for s, z in by["patient001_frame01-s0"].pool] == [(s.id, z) for s, z in by["patient001_frame12-s0"].pool]
+    assert [(s.id, z) for s, z in by["patient001_frame01-n2-s0"].pool] == [(s.id, z) for s, z in by["patient001_frame12-n2-s0"].pool]
     with pytest.raises(Exception, match="capture group"):
         EvalConfig(images="", labels=None, out="", classes={"x": 1}, group_pattern="^patient").validate()
+
+
+def test_cross_cases_nest_pools_and_share_queries():
+    """--mode cross: per seed the pools of a learning curve are nested, the queries are the same
+    patients for every n, never in a pool, and both volumes of a patient go together."""
+    import re
+
+    from ragseg.evaluate import EvalConfig, Subject, _cross_cases
+
+    lab = np.zeros((3, 4, 4), np.int32)
+    lab[1:, 1:3, 1:3] = 1
+    ids = [f"patient{p:03d}_frame{f:02d}" for p in range(1, 11) for f in (1, 12)]
+    subjects = [Subject(i, np.zeros((3, 4, 4), np.float32), lab, (1.0, 1.0, 1.0),
+                        group=re.match(EvalConfig.group_pattern, i).group(1)) for i in ids]
+    cfg = EvalConfig(images="", labels=None, out="", classes={"x": 1}, mode="cross", n_support=[1, 2, 4], seeds=[0, 1])
+    cfg.validate()
+    cases = _cross_cases(subjects, cfg)
+    for seed in (0, 1):
+        pools = {n: {s.group for c in cases if c.seed == seed and c.n_support == n for s, _ in c.pool} for n in (1, 2, 4)}
+        assert [len(pools[n]) for n in (1, 2, 4)] == [1, 2, 4]
+        assert pools[1] < pools[2] < pools[4]  # nested
+        queries = {n: {c.query.group for c in cases if c.seed == seed and c.n_support == n} for n in (1, 2, 4)}
+        assert queries[1] == queries[2] == queries[4] and len(queries[1]) == 10 - 4
+        assert queries[1].isdisjoint(pools[4])
+        for n in (1, 2, 4):  # every volume of a pool patient, only its labeled slices; both frames queried
+            c = next(c for c in cases if c.seed == seed and c.n_support == n)
+            assert len(c.pool) == 2 * 2 * n and all(z in (1, 2) for _, z in c.pool)
+            assert len({c.pool_key for c in cases if c.seed == seed and c.n_support == n}) == 1
+        assert len([c for c in cases if c.seed == seed]) == 3 * 6 * 2
+    with pytest.raises(Exception, match="more than 4 patients"):
+        _cross_cases(subjects[:8], cfg)
+
+
+def test_confidence_interval_and_paired_difference_over_patients():
+    from scipy import stats
+
+    from ragseg.evaluate import ci95, paired_difference, summarize
+
+    rng = np.random.default_rng(0)
+    rows = []
+    truth = {}
+    for p in range(6):
+        for _case in range(4):  # 2 volumes x 2 seeds
+            for c in ("x", "y"):
+                base = 0.5 + 0.05 * p
+                for m, shift in (("retrieved", 0.1), ("random", 0.0)):
+                    d = base + shift + rng.normal(0, 0.01)
+                    rows.append({"method": m, "k": 3, "n_support": 4, "patient": f"p{p}", "class": c,
+                                 "dice": d, "hd95": 1.0})
+                    truth.setdefault((m, p), []).append(d)
+    # CI over patients: each patient's 8 cases averaged first, then a t-interval over 6 patients
+    per_pat = [np.mean(truth[("retrieved", p)]) for p in range(6)]
+    expect = stats.t.ppf(0.975, 5) * np.std(per_pat, ddof=1) / np.sqrt(6)
+    summ = summarize(rows, ["x", "y"])
+    assert summ[("retrieved", 3, 4)]["mean"]["dice_ci95"] == pytest.approx(expect)
+    assert summ[("retrieved", 3, 4)]["mean"]["patients"] == 6
+    assert ci95([0.5]) != ci95([0.5])  # NaN for one patient
+    d = paired_difference(rows, ["x", "y"])[(3, 4)]
+    assert d["diff"] == pytest.approx(0.1, abs=0.01) and d["wins"] == 6 and d["patients"] == 6
+    assert d["ci95"] < 0.02  # paired: the large between-patient spread cancels

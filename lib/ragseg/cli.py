@@ -208,13 +208,19 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
     from .evaluate import EvalConfig, run_evaluation
 
+    if a.random_weights_for_testing:
+        print("WARNING: --random-weights-for-testing: models have RANDOM weights; numbers are meaningless",
+              file=sys.stderr)
     cfg = EvalConfig(images=a.images, labels=a.labels, out=a.out, classes=_classes(a.classes), mode=a.mode,
-                     n_support=a.n_support, ks=_ints("--k", a.k), seeds=_ints("--seeds", a.seeds),
+                     n_support=_ints("--n-support", a.n_support), ks=_ints("--k", a.k), seeds=_ints("--seeds", a.seeds),
                      methods=[m.strip() for m in a.methods.split(",") if m.strip()], modality=a.modality,
                      ct_window=a.ct_window, axis=a.axis, backend=a.backend, retrieval=a.retrieval,
                      location_prior=None if a.location_prior < 0 else a.location_prior, max_regions=a.max_regions,
-                     finetune_epochs=a.finetune_epochs, unet_iters=a.unet_iters,
+                     finetune_epochs=a.finetune_epochs, baseline_iters=a.baseline_iters,
+                     baseline_time_s=a.baseline_time,
                      save_predictions=a.save_predictions, figures=not a.no_figures, image_suffix=a.image_suffix,
+                     feature_cache=a.feature_cache, image_size=a.image_size,
+                     random_weights=a.random_weights_for_testing, sam2_variant=a.sam2_variant,
                      label_suffix=a.label_suffix, subjects=[x for x in a.subjects.split(",") if x],
                      **({"group_pattern": a.group_by} if a.group_by else {}))
     summ = run_evaluation(cfg, command="ragseg " + " ".join(shlex.quote(x) for x in sys.argv[1:]))
@@ -336,16 +342,25 @@ def build_parser() -> argparse.ArgumentParser:
                          r"split between pool and queries (default: '^(.+?)(?:_frame\d+)?$', ACDC's naming)")
     ev.add_argument("--classes", required=True, help="name=value pairs to evaluate, e.g. liver=5,spleen=1")
     ev.add_argument("--out", required=True, help="output folder")
-    ev.add_argument("--mode", choices=("intra", "loso"), default="intra",
-                    help="intra: n labeled slices per class of each volume; loso: leave one patient out")
-    ev.add_argument("--n-support", type=int, default=3, help="labeled slices per class (intra) or patients (loso)")
+    ev.add_argument("--mode", choices=("intra", "loso", "cross"), default="intra",
+                    help="intra: n labeled slices per class of each volume; loso: leave one patient out; "
+                         "cross: n random labeled patients per seed, the patients outside the largest pool queried")
+    ev.add_argument("--n-support", default="3",
+                    help="labeled slices per class (intra) or patients (loso); several, comma-separated, give a "
+                         "learning curve (learning_curve.png), e.g. 1,2,4,8 (default: %(default)s)")
     ev.add_argument("--k", default="1,3", help="supports per query slice, comma-separated (default: %(default)s)")
     ev.add_argument("--seeds", default="0", help="comma-separated seeds (default: %(default)s)")
-    ev.add_argument("--methods", default="retrieved,random,finetuned,gt-box,unet", help="default: %(default)s")
+    ev.add_argument("--methods", default="retrieved,random,finetuned,gt-box,unet,dynunet",
+                    help="default: %(default)s")
     ev.add_argument("--finetune-epochs", type=int, default=defaults.FINETUNE_EPOCHS)
-    ev.add_argument("--unet-iters", type=int, default=400)
+    ev.add_argument("--baseline-iters", type=int, default=defaults.BASELINE_MAX_ITERS,
+                    help="unet/dynunet: iteration cap (early stopping usually ends sooner; default: %(default)s)")
+    ev.add_argument("--baseline-time", type=float, default=defaults.BASELINE_TIME_LIMIT_S, metavar="SECONDS",
+                    help="unet/dynunet: wall-clock cap per training (default: %(default)s)")
     ev.add_argument("--save-predictions", action="store_true", help="also write predictions/ and overlay PNGs")
     ev.add_argument("--no-figures", action="store_true")
+    ev.add_argument("--feature-cache", default=None, metavar="DIR",
+                    help="keep LiteMedSAM slice embeddings in DIR (2 MB per slice) so a re-run does not re-encode")
     _model_args(ev)
     ev.set_defaults(func=cmd_evaluate)
 

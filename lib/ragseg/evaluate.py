@@ -11,6 +11,12 @@ Protocols:
   by the seed) are the pool; every slice of each volume of the held-out patient is segmented.
   Volumes are grouped into patients by ``group_pattern`` (default: ``patient001_frame01`` and
   ``patient001_frame12`` are one patient), so two volumes of one heart are never on both sides.
+* ``cross``: held-out patients: per seed, ``n_support`` random patients are labeled (nested over
+  a learning curve's n) and the patients outside the largest pool are segmented; a model trained
+  on a pool (fine-tuned decoder, UNets) is trained once and serves all of that pool's queries.
+
+``n_support`` may list several values (a learning curve). Confidence intervals are over
+patients: a patient's cases (its volumes, seeds) are averaged first.
 
 Methods (each on the same cases and seeds):
 
@@ -24,7 +30,9 @@ Methods (each on the same cases and seeds):
   index and Segmenter;
 * ``gt-box``: the decoder prompted with the ground truth's boxes (one per connected component;
   baseline b, the ceiling of a box-prompted decoder);
-* ``unet``: a small MONAI 2D UNet trained on the pool slices only (baseline c).
+* ``unet`` and ``dynunet``: supervised networks trained on the pool slices only (baselines c and
+  d; :mod:`ragseg.baselines`: class-balanced, augmented, early-stopped on held-out pool
+  patients, time-capped).
 
 Per case and class: Dice and 95% Hausdorff distance (MONAI metrics, mm, on the evaluated
 slices; HD95 is NaN when the prediction or the truth is empty). Writes ``results.csv``,
@@ -47,7 +55,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import defaults
@@ -66,11 +73,12 @@ from .volume import Volume, load_image, load_label, save_label, slice_spacing, s
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("retrieved", "random", "finetuned", "gt-box", "unet")
+MODES = ("intra", "loso", "cross")
+METHODS = ("retrieved", "random", "finetuned", "gt-box", "unet", "dynunet")
 DEFAULT_GROUP_PATTERN = r"^(.+?)(?:_frame\d+)?$"  # ACDC: patientNNN_frameXX -> patientNNN
-K_FREE = ("gt-box", "unet")  # methods that use no supports (k reported as 0)
-CSV_COLUMNS = ("case", "subject", "seed", "method", "k", "class", "label", "dice", "hd95", "gt_voxels",
-               "pred_voxels", "query_slices", "seconds")
+K_FREE = ("gt-box", "unet", "dynunet")  # methods that use no supports (k reported as 0)
+CSV_COLUMNS = ("case", "subject", "patient", "n_support", "seed", "method", "k", "class", "label", "dice", "hd95",
+               "gt_voxels", "pred_voxels", "query_slices", "seconds")
 
 
 @dataclass
@@ -82,7 +90,8 @@ class EvalConfig:
     out: str
     classes: dict[str, int]
     mode: str = "intra"
-    n_support: int = 3
+    # labeled slices per class (intra) or labeled patients (loso); several values: a learning curve
+    n_support: list[int] = field(default_factory=lambda: [3])
     ks: list[int] = field(default_factory=lambda: [1, 3])
     seeds: list[int] = field(default_factory=lambda: [0])
     methods: list[str] = field(default_factory=lambda: list(METHODS))
@@ -94,9 +103,14 @@ class EvalConfig:
     location_prior: int | None = defaults.LOCATION_PRIOR
     max_regions: int = defaults.MAX_REGIONS
     finetune_epochs: int = defaults.FINETUNE_EPOCHS
-    unet_iters: int = 400
+    baseline_iters: int = defaults.BASELINE_MAX_ITERS  # unet / dynunet: iteration cap
+    baseline_time_s: float = defaults.BASELINE_TIME_LIMIT_S  # unet / dynunet: wall-clock cap per training
     save_predictions: bool = False
     figures: bool = True
+    feature_cache: str | None = None  # folder keeping LiteMedSAM slice embeddings across runs
+    image_size: int = defaults.SAM2_IMAGE_SIZE  # SAM 2 input size (rag-sam2 backend)
+    random_weights: bool = False  # TESTS ONLY: same architectures, random weights (CI smoke of rag-sam2)
+    sam2_variant: str = "hiera_t"  # with random_weights
     image_suffix: str = ""
     label_suffix: str = ""
     subjects: list[str] = field(default_factory=list)  # only these ids (default: all)
@@ -104,14 +118,16 @@ class EvalConfig:
     group_pattern: str = DEFAULT_GROUP_PATTERN
 
     def validate(self) -> None:
-        if self.mode not in ("intra", "loso"):
-            raise RagsegError(f"mode must be 'intra' or 'loso', got {self.mode!r}")
+        if self.mode not in MODES:
+            raise RagsegError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         bad = [m for m in self.methods if m not in METHODS]
         if bad:
             raise RagsegError(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
         if not self.classes:
             raise RagsegError("name the classes to evaluate, e.g. --classes liver=5,spleen=1")
-        if self.n_support < 1 or any(k < 1 for k in self.ks):
+        if isinstance(self.n_support, int):
+            self.n_support = [self.n_support]
+        if not self.n_support or min(self.n_support) < 1 or any(k < 1 for k in self.ks):
             raise RagsegError("n_support and every k must be >= 1")
         try:
             if re.compile(self.group_pattern).groups < 1:
@@ -139,6 +155,14 @@ class Case:
     query: Subject
     query_slices: list[int]
     pool: list[tuple[Subject, int]]  # (subject, slice) labeled for every evaluated class
+    n_support: int = 0  # labeled slices per class (intra) or labeled patients (loso)
+
+    @property
+    def pool_key(self) -> str:
+        """Identifies the labeled pool: cases with the same pool share its index and trained models."""
+        import hashlib
+
+        return hashlib.sha1("|".join(f"{s.id}:{z}" for s, z in self.pool).encode()).hexdigest()[:16]
 
 
 def _load_subjects(cfg: EvalConfig, pre: Preprocess, progress: bool = False) -> list[Subject]:
@@ -161,41 +185,77 @@ def _load_subjects(cfg: EvalConfig, pre: Preprocess, progress: bool = False) -> 
 def _intra_cases(subjects: list[Subject], cfg: EvalConfig) -> list[Case]:
     cases = []
     for subj in subjects:
-        for seed in cfg.seeds:
-            rng = np.random.default_rng(seed)
-            pool: set[int] = set()
-            for v in cfg.classes.values():
-                zs = np.nonzero((subj.labels == v).any((1, 2)))[0]
-                if len(zs) == 0:
+        for n in cfg.n_support:
+            for seed in cfg.seeds:
+                rng = np.random.default_rng(seed)
+                pool: set[int] = set()
+                for v in cfg.classes.values():
+                    zs = np.nonzero((subj.labels == v).any((1, 2)))[0]
+                    if len(zs) == 0:
+                        continue
+                    bins = np.array_split(zs, min(n, len(zs)))
+                    pool.update(int(rng.choice(b)) for b in bins)
+                if not pool:
                     continue
-                bins = np.array_split(zs, min(cfg.n_support, len(zs)))
-                pool.update(int(rng.choice(b)) for b in bins)
-            if not pool:
-                continue
-            q = [z for z in range(len(subj.slices)) if z not in pool]
-            cases.append(Case(f"{subj.id}-s{seed}", seed, subj, q, [(subj, z) for z in sorted(pool)]))
+                q = [z for z in range(len(subj.slices)) if z not in pool]
+                cases.append(Case(f"{subj.id}-n{n}-s{seed}", seed, subj, q, [(subj, z) for z in sorted(pool)], n))
+    return cases
+
+
+def _groups(subjects: list[Subject], cfg: EvalConfig) -> dict[str, list[Subject]]:
+    groups: dict[str, list[Subject]] = {}
+    for s in subjects:
+        groups.setdefault(s.group or s.id, []).append(s)
+    if len(groups) < 2:
+        raise RagsegError(f"a {cfg.mode} evaluation needs labeled volumes of at least two patients "
+                          f"(grouped by {cfg.group_pattern!r})")
+    return groups
+
+
+def _labeled_slices(subjects: Sequence[Subject], vals: list[int]) -> list[tuple[Subject, int]]:
+    """Every slice of these volumes that carries an evaluated class (an annotated patient)."""
+    return [(s, int(z)) for s in subjects for z in np.nonzero(np.isin(s.labels, vals).any((1, 2)))[0]]
+
+
+def _cross_cases(subjects: list[Subject], cfg: EvalConfig) -> list[Case]:
+    """Held-out patients: per seed one random order of the patients; the first n are labeled (the
+    pools of a learning curve are nested) and the patients after the largest n are the queries,
+    the same queries for every n. A model trained on a pool serves all its queries."""
+    groups = _groups(subjects, cfg)
+    names = sorted(groups)
+    nmax = max(cfg.n_support)
+    if nmax >= len(names):
+        raise RagsegError(f"--mode cross with n = {nmax} labeled patients needs more than {nmax} patients; "
+                          f"{len(names)} found")
+    vals = list(cfg.classes.values())
+    cases = []
+    for seed in cfg.seeds:
+        order = [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
+        queries = sorted(order[nmax:])
+        for n in cfg.n_support:
+            pool = _labeled_slices([s for g in sorted(order[:n]) for s in groups[g]], vals)
+            for g in queries:
+                for subj in groups[g]:
+                    cases.append(Case(f"{subj.id}-n{n}-s{seed}", seed, subj, list(range(len(subj.slices))), pool, n))
     return cases
 
 
 def _loso_cases(subjects: list[Subject], cfg: EvalConfig) -> list[Case]:
-    groups: dict[str, list[Subject]] = {}
-    for s in subjects:
-        groups.setdefault(s.group or s.id, []).append(s)
+    """Leave one patient out; per seed the labeled patients are the first n of one random order
+    of the others, so the pools of a learning curve are nested (n=2 holds n=1's patient)."""
+    groups = _groups(subjects, cfg)
     names = sorted(groups)
-    if len(names) < 2:
-        raise RagsegError("leave-one-patient-out needs labeled volumes of at least two patients "
-                          f"(grouped by {cfg.group_pattern!r})")
     vals = list(cfg.classes.values())
     cases = []
     for g in names:
         others = [n for n in names if n != g]
         for seed in cfg.seeds:
-            rng = np.random.default_rng(seed)  # the same patients for every volume of g
-            pick = sorted(rng.choice(len(others), size=min(cfg.n_support, len(others)), replace=False).tolist())
-            pool = [(s, int(z)) for j in pick for s in groups[others[j]]
-                    for z in np.nonzero(np.isin(s.labels, vals).any((1, 2)))[0]]
-            for subj in groups[g]:
-                cases.append(Case(f"{subj.id}-s{seed}", seed, subj, list(range(len(subj.slices))), pool))
+            order = np.random.default_rng(seed).permutation(len(others))  # the same for every volume of g
+            for n in cfg.n_support:
+                pick = sorted(order[:min(n, len(others))].tolist())
+                pool = _labeled_slices([s for j in pick for s in groups[others[j]]], vals)
+                for subj in groups[g]:
+                    cases.append(Case(f"{subj.id}-n{n}-s{seed}", seed, subj, list(range(len(subj.slices))), pool, n))
     return cases
 
 
@@ -230,16 +290,19 @@ class Harness:
         self.cfg = cfg
         self.pre = Preprocess(axis=cfg.axis, modality=cfg.modality, ct_window=cfg.ct_window)
         self.models = ModelSet(ModelConfig(backend=cfg.backend, retrieval=cfg.retrieval,
-                                           location_prior=cfg.location_prior, max_regions=cfg.max_regions))
+                                           location_prior=cfg.location_prior, max_regions=cfg.max_regions,
+                                           image_size=cfg.image_size, random_weights=cfg.random_weights,
+                                           sam2_variant=cfg.sam2_variant))
         if self.models.backend == "litemedsam" or {"finetuned", "gt-box"} & set(cfg.methods):
             # every slice of a data set stays in RAM once encoded (float16, 2 MB each)
-            self.models.lite().features = FeatureCache(max_bytes=8 << 30)
+            self.models.lite().features = FeatureCache(max_bytes=8 << 30, directory=cfg.feature_cache)
         self.embedder = self.models.embedder()
         self.engine = self.models.engine()
         self.labels = list(cfg.classes.values())
         self.names = {v: k for k, v in cfg.classes.items()}
         self.case_info: dict[str, dict] = {}
-        self._pool: tuple[str, object, Path] | None = None  # (case name, its SliceIndex, its folder)
+        self._pool: tuple[str, object, Path] | None = None  # (pool key, its SliceIndex, its folder)
+        self._trained: dict[str, tuple[object, dict, float]] = {}  # method -> (model, info, seconds) for that pool
 
     # supports ------------------------------------------------------------------------------------
     @staticmethod
@@ -260,21 +323,29 @@ class Harness:
                         for _ in case.query_slices])
         return out
 
-    def encode(self, subjects: list[Subject], progress: bool = True, chunk: int = 8) -> None:
+    def encode(self, subjects: list[Subject], progress: bool = True, chunk: int = 8) -> dict:
         """Encode every slice once up front (the slow stage on a CPU), with a progress bar in slices/s.
 
-        Embeddings land in the models' content-keyed caches, so the cases reuse them.
+        Embeddings land in the models' content-keyed caches, so the cases reuse them. Returns the
+        timing of the slices that were encoded fresh (not found in the feature cache), per chunk.
         """
         lite_too = self.models.backend == "litemedsam" and not hasattr(self.embedder, "lite")
+        fc = self.models.lite().features if self.models.backend == "litemedsam" else None
         total = sum(len(s.slices) for s in subjects)
+        fresh, fresh_s = 0, 0.0
         with tqdm(total=total, desc="encoding slices", unit="slice", disable=not progress) as bar:
             for s in subjects:
                 for a in range(0, len(s.slices), chunk):
                     part = s.slices[a:a + chunk]
+                    miss0, t = (fc.misses if fc else 0), time.perf_counter()
                     self.embedder.embed(part)
                     if lite_too:
                         self.models.lite().embeddings(part)
+                    if fc is None or fc.misses > miss0:  # timed only where the encoder ran
+                        fresh += len(part) if fc is None else min(len(part), fc.misses - miss0)
+                        fresh_s += time.perf_counter() - t
                     bar.update(len(part))
+        return {"total_slices": total, "encoded_slices": fresh, "encode_s": round(fresh_s, 2)}
 
     # the product path ----------------------------------------------------------------------------
     def pool_index(self, case: Case):
@@ -283,10 +354,10 @@ class Harness:
         Each pool subject gets a label file on its image's grid in which only its pool slices
         carry the evaluated classes. Built once per case (kept for every k and method).
         """
-        if self._pool is not None and self._pool[0] == case.name:
+        if self._pool is not None and self._pool[0] == case.pool_key:
             return self._pool[1]
         self._drop_pool()
-        root = Path(tempfile.mkdtemp(prefix=f".pool-{case.name}-", dir=self.cfg.out))
+        root = Path(tempfile.mkdtemp(prefix=f".pool-{case.pool_key}-", dir=self.cfg.out))
         by_subject: dict[str, tuple[Subject, list[int]]] = {}
         for subj, z in case.pool:
             by_subject.setdefault(subj.id, (subj, []))[1].append(z)
@@ -304,13 +375,27 @@ class Harness:
         rep = sync_index(index, self.embedder, self.pre, items)
         if rep.failed:
             raise RagsegError(f"{case.name}: indexing the pool failed: {rep.failed}")
-        self._pool = (case.name, index, root)
+        self._pool = (case.pool_key, index, root)
         return index
 
     def _drop_pool(self) -> None:
         if self._pool is not None:
             shutil.rmtree(self._pool[2], ignore_errors=True)
             self._pool = None
+        self._trained.clear()
+
+    def trained(self, case: Case, method: str, train: Callable[[], tuple[object, dict]]) -> tuple[object, dict, bool]:
+        """The model ``method`` trained on the case's pool: trained once per pool, then reused.
+        Returns (model, info, whether it was trained now)."""
+        if self._pool is None or self._pool[0] != case.pool_key:
+            self.pool_index(case)
+        if method in self._trained:
+            m, info, _ = self._trained[method]
+            return m, info, False
+        t = time.perf_counter()
+        m, info = train()
+        self._trained[method] = (m, info, time.perf_counter() - t)
+        return m, info, True
 
     def predict_served(self, engine, case: Case, k: int) -> np.ndarray:
         """The server's path: index search + Segmenter (per-query self-exclusion, same label rule)."""
@@ -359,6 +444,12 @@ class Harness:
             logits[i] = resize_logits(low, (H, W))[:, 0]
         return self._to_labels(logits)
 
+    def _finetune_info(self, case: Case) -> tuple[object, dict]:
+        t = time.perf_counter()
+        eng, tr = self.train_finetuned(case)
+        return eng, {"best_metric": tr.best_metric, "epochs": len(tr.history),
+                     "train_s": round(time.perf_counter() - t, 1), "encode_s": tr.encode_s}
+
     def train_finetuned(self, case: Case):
         from .engine import SupportMemoryCache
         from .fewshot import LiteMedSamAdapter, PrototypeDecoder, build_training_set, finetune
@@ -367,7 +458,7 @@ class Harness:
         adapter = LiteMedSamAdapter(self.models.lite())
         sl = [s.slices[z] for s, z in case.pool]  # any in-plane sizes
         lb = [s.labels[z] for s, z in case.pool]
-        ts = build_training_set(adapter, sl, lb, self.labels)
+        ts = build_training_set(adapter, sl, lb, self.labels, groups=[s.group or s.id for s, _ in case.pool])
         dec = PrototypeDecoder(adapter, location_prior=self.cfg.location_prior)
         res = finetune(dec, ts, epochs=self.cfg.finetune_epochs, seed=case.seed)
         logger.info("%s: fine-tuned decoder, best train Dice %.3f at epoch %d (%.1f s/epoch)", case.name,
@@ -376,10 +467,20 @@ class Harness:
                                location_prior=self.cfg.location_prior, max_regions=self.cfg.max_regions)
         return eng, res
 
-    def predict_unet(self, case: Case) -> np.ndarray:
-        return train_unet_predict([(s.slices[z], s.labels[z]) for s, z in case.pool],
-                                  case.query.slices[case.query_slices], self.labels, iters=self.cfg.unet_iters,
-                                  seed=case.seed)
+    def baseline(self, case: Case, arch: str) -> np.ndarray:
+        """UNet / DynUNet trained on the case's pool (once per pool), predicting the query slices."""
+        from .baselines import BaselineConfig, predict_baseline, train_baseline
+
+        def train():
+            m = train_baseline([(s.slices[z], s.labels[z]) for s, z in case.pool], self.labels,
+                               groups=[s.group or s.id for s, _ in case.pool], seed=case.seed,
+                               cfg=BaselineConfig(arch=arch, max_iters=self.cfg.baseline_iters,
+                                                  time_limit_s=self.cfg.baseline_time_s))
+            return m, m.info
+
+        model, info, _ = self.trained(case, arch, train)
+        self.case_info[case.name][arch] = info
+        return predict_baseline(model, case.query.slices[case.query_slices])
 
     # running ------------------------------------------------------------------------------------------
     def run(self, cases: list[Case], progress: bool = True) -> list[dict]:
@@ -387,7 +488,7 @@ class Harness:
         out = Path(self.cfg.out)
         out.mkdir(parents=True, exist_ok=True)
         for case in tqdm(cases, desc="cases", disable=not progress, unit="case"):
-            self.case_info[case.name] = {"subject": case.query.id, "seed": case.seed,
+            self.case_info[case.name] = {"subject": case.query.id, "seed": case.seed, "n_support": case.n_support,
                                          "query_slices": case.query_slices,
                                          "pool": [[s.id, z] for s, z in case.pool]}
             runs: list[tuple[str, int, Callable[[], np.ndarray] | None]] = []
@@ -398,23 +499,22 @@ class Harness:
                     runs.append((m, -1, None))  # trained lazily below, then evaluated for every k
                 elif m == "gt-box":
                     runs.append((m, 0, lambda c=case: self.predict_gt_box(c)))
-                elif m == "unet":
-                    runs.append((m, 0, lambda c=case: self.predict_unet(c)))
+                elif m in ("unet", "dynunet"):
+                    runs.append((m, 0, lambda c=case, m=m: self.baseline(c, m)))
             try:
                 rows += self._run_case(case, runs)
-            finally:
+            except BaseException:
                 self._drop_pool()
+                raise
+        self._drop_pool()
         return rows
 
     def _run_case(self, case: Case, runs: list) -> list[dict]:
         rows: list[dict] = []
         for m, k, fn in runs:
             if m == "finetuned":
-                t = time.perf_counter()
-                eng, tr = self.train_finetuned(case)
-                train_s = time.perf_counter() - t
-                self.case_info[case.name]["finetune"] = {"best_metric": tr.best_metric, "epochs": len(tr.history),
-                                                         "train_s": train_s, "encode_s": tr.encode_s}
+                eng, info, _ = self.trained(case, m, lambda c=case: self._finetune_info(c))
+                self.case_info[case.name]["finetune"] = info
                 for kk in self.cfg.ks:
                     t = time.perf_counter()
                     pred = self.predict_engine(eng, case, kk, "retrieved")
@@ -431,7 +531,8 @@ class Harness:
         rows = []
         for name, v in self.cfg.classes.items():
             p, g = pred == v, gt == v
-            rows.append({"case": case.name, "subject": case.query.id, "seed": case.seed, "method": method, "k": k,
+            rows.append({"case": case.name, "subject": case.query.id, "patient": case.query.group or case.query.id,
+                         "n_support": case.n_support, "seed": case.seed, "method": method, "k": k,
                          "class": name, "label": v, "dice": dice_score(p, g), "hd95": hd95(p, g, case.query.spacing),
                          "gt_voxels": int(g.sum()), "pred_voxels": int(p.sum()),
                          "query_slices": len(case.query_slices), "seconds": round(seconds, 3)})
@@ -443,77 +544,71 @@ class Harness:
         return rows
 
 
-# --- UNet baseline --------------------------------------------------------------------------------
-def train_unet_predict(pool: list[tuple[np.ndarray, np.ndarray]], queries: np.ndarray, labels: list[int], *,
-                       iters: int = 400, size: int = 256, seed: int = 0, batch: int = 8) -> np.ndarray:
-    """Train a small MONAI 2D UNet on the pool slices (Dice + CE, light augmentation), predict queries.
+# --- reporting -------------------------------------------------------------------------------------
+def ci95(values: Sequence[float]) -> float:
+    """Half-width of the 95% t-interval of the mean of ``values`` (NaN for fewer than two)."""
+    from scipy import stats
 
-    Augmentation: random intensity scale/shift and translations of up to 10% (no flips: left and
-    right organs differ).
-    """
-    from monai.losses import DiceCELoss
-    from monai.networks.nets import UNet
+    v = np.asarray([x for x in values if x == x], float)
+    if v.size < 2:
+        return float("nan")
+    return float(stats.t.ppf(0.975, v.size - 1) * v.std(ddof=1) / np.sqrt(v.size))
 
-    from .volume import resize_slices
 
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    # each slice to size x size on its own (pool slices of different patients differ in size)
-    x = torch.cat([resize_slices(p[0][None], size) for p in pool])  # [n, 1, S, S]
-    ys = []
-    for _, lab in pool:
-        y = np.zeros(lab.shape, np.int64)
-        for i, v in enumerate(labels):
-            y[lab == v] = i + 1
-        ys.append(F.interpolate(torch.from_numpy(y)[None, None].float(), size=(size, size), mode="nearest").long())
-    y = torch.cat(ys)
-    net = UNet(spatial_dims=2, in_channels=1, out_channels=len(labels) + 1, channels=(16, 32, 64, 128),
-               strides=(2, 2, 2), num_res_units=1)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    net.train()
-    shift = size // 10
-    for _ in range(iters):
-        idx = rng.integers(0, len(x), batch)
-        xb, yb = x[idx].clone(), y[idx].clone()
-        xb = xb * float(rng.uniform(0.9, 1.1)) + float(rng.uniform(-0.05, 0.05))
-        dy, dx = (int(v) for v in rng.integers(-shift, shift + 1, 2))
-        xb, yb = torch.roll(xb, (dy, dx), (2, 3)), torch.roll(yb, (dy, dx), (2, 3))
-        loss = loss_fn(net(xb), yb)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    net.eval()
-    n, H, W = queries.shape
-    out = np.zeros((n, H, W), np.int64)
-    lv = np.asarray([0] + list(labels))
-    with torch.no_grad():
-        for s in range(0, n, 16):
-            lg = net(resize_slices(queries[s:s + 16], size))
-            lg = F.interpolate(lg, size=(H, W), mode="bilinear", align_corners=False)
-            out[s:s + 16] = lv[lg.argmax(1).numpy()]
+def per_patient(rows: list[dict], classes: Sequence[str]) -> dict[tuple[str, int, int], dict[str, float]]:
+    """(method, k, n_support) -> patient -> Dice averaged over classes and that patient's cases
+    (its volumes and seeds): the unit of the confidence intervals, since cases of one patient
+    are not independent."""
+    acc: dict[tuple[str, int, int], dict[str, dict[str, list[float]]]] = {}
+    for r in rows:
+        key = (r["method"], int(r["k"]), int(r["n_support"]))
+        acc.setdefault(key, {}).setdefault(str(r["patient"]), {}).setdefault(r["class"], []).append(float(r["dice"]))
+    return {key: {p: float(np.mean([np.mean(per[c]) for c in classes if c in per])) for p, per in pats.items()}
+            for key, pats in acc.items()}
+
+
+def summarize(rows: list[dict], classes: Sequence[str]) -> dict:
+    """Per (method, k, n_support): per class mean/std Dice over cases, its 95% CI over patients,
+    HD95; and over classes (``mean``)."""
+    groups: dict[tuple[str, int, int], dict[str, list[dict]]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], int(r["k"]), int(r["n_support"])), {}).setdefault(r["class"], []).append(r)
+    pp = per_patient(rows, classes)
+    out = {}
+    for key, per in groups.items():
+        entry = {}
+        for c in classes:
+            rs = per.get(c, [])
+            d = np.array([x["dice"] for x in rs], float)
+            h = np.array([x["hd95"] for x in rs], float)
+            by_pat: dict[str, list[float]] = {}
+            for x in rs:
+                by_pat.setdefault(str(x["patient"]), []).append(float(x["dice"]))
+            entry[c] = {"dice_mean": float(d.mean()) if d.size else float("nan"),
+                        "dice_std": float(d.std()) if d.size else float("nan"),
+                        "dice_ci95": ci95([np.mean(v) for v in by_pat.values()]),
+                        "hd95_mean": float(np.nanmean(h)) if np.isfinite(h).any() else float("nan"),
+                        "hd95_nan": int(np.isnan(h).sum()), "n": int(d.size)}
+        pats = list(pp.get(key, {}).values())
+        entry["mean"] = {"dice_mean": float(np.mean([entry[c]["dice_mean"] for c in classes])),
+                         "dice_ci95": ci95(pats), "patients": len(pats)}
+        out[key] = entry
     return out
 
 
-# --- reporting -------------------------------------------------------------------------------------
-def summarize(rows: list[dict], classes: Sequence[str]) -> dict:
-    """Mean/std Dice and HD95 per (method, k, class) and over classes."""
-    groups: dict[tuple[str, int], dict[str, list[tuple[float, float]]]] = {}
-    for r in rows:
-        groups.setdefault((r["method"], int(r["k"])), {}).setdefault(r["class"], []).append((r["dice"], r["hd95"]))
+def paired_difference(rows: list[dict], classes: Sequence[str], a: str = "retrieved",
+                      b: str = "random") -> dict[tuple[int, int], dict[str, float]]:
+    """Per (k, n_support): mean over patients of (Dice of ``a`` - Dice of ``b``), class-averaged,
+    with its 95% CI and the number of patients where ``a`` is better; same cases for both."""
+    pp = per_patient(rows, classes)
     out = {}
-    for (m, k), per in groups.items():
-        entry = {}
-        for c in classes:
-            d = np.array([x[0] for x in per.get(c, [])], float)
-            h = np.array([x[1] for x in per.get(c, [])], float)
-            entry[c] = {"dice_mean": float(d.mean()) if d.size else float("nan"),
-                        "dice_std": float(d.std()) if d.size else float("nan"),
-                        "hd95_mean": float(np.nanmean(h)) if np.isfinite(h).any() else float("nan"),
-                        "hd95_nan": int(np.isnan(h).sum()), "n": int(d.size)}
-        means = [entry[c]["dice_mean"] for c in classes]
-        entry["mean"] = {"dice_mean": float(np.mean(means))}
-        out[(m, k)] = entry
+    for (m, k, n), pa in pp.items():
+        pb = pp.get((b, k, n)) if m == a else None
+        if not pb:
+            continue
+        d = [pa[p] - pb[p] for p in pa if p in pb]
+        out[(k, n)] = {"diff": float(np.mean(d)), "ci95": ci95(d), "patients": len(d),
+                       "wins": int(sum(x > 0 for x in d))}
     return out
 
 
@@ -521,8 +616,12 @@ def _fmt(x: float, nd: int = 3) -> str:
     return "n/a" if x != x else f"{x:.{nd}f}"
 
 
+def _order(key: tuple[str, int, int]) -> tuple:
+    return (METHODS.index(key[0]), key[2], key[1])
+
+
 def write_reports(rows: list[dict], cfg: EvalConfig, case_info: dict, command: str, elapsed: float,
-                  models: str = "") -> dict:
+                  models: str = "", timing: dict | None = None) -> dict:
     out = Path(cfg.out)
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
@@ -531,33 +630,74 @@ def write_reports(rows: list[dict], cfg: EvalConfig, case_info: dict, command: s
             w.writerow({k: r[k] for k in CSV_COLUMNS})
     classes = list(cfg.classes)
     summ = summarize(rows, classes)
-    keys = sorted(summ, key=lambda mk: (METHODS.index(mk[0]), mk[1]))
+    keys = sorted(summ, key=_order)
+    unit = "slices per class" if cfg.mode == "intra" else "patients"
+    n_pat = len({r["patient"] for r in rows})
     lines = [f"Command: `{command}`", "",
-             f"Mode `{cfg.mode}`, {cfg.n_support} labeled {'slices per class' if cfg.mode == 'intra' else 'patients'}, "
-             f"{models or 'backend ' + cfg.backend}; seeds {cfg.seeds}, {len(case_info)} cases; "
-             f"{elapsed / 60:.1f} min.", "",
-             "Dice, mean ± std over cases (k = supports per query slice; 0 = no supports used):", "",
-             "| method | k | " + " | ".join(classes) + " | mean |", "|---|---|" + "---|" * (len(classes) + 1)]
-    for m, k in keys:
-        e = summ[(m, k)]
-        lines.append(f"| {m} | {k} | " + " | ".join(f"{_fmt(e[c]['dice_mean'])} ± {_fmt(e[c]['dice_std'])}"
-                                                    for c in classes) + f" | {_fmt(e['mean']['dice_mean'])} |")
+             f"Mode `{cfg.mode}`, n = labeled {unit} ({', '.join(map(str, cfg.n_support))}), "
+             f"{models or 'backend ' + cfg.backend}; seeds {cfg.seeds}, {len(case_info)} cases, "
+             f"{n_pat} query patients; {elapsed / 60:.1f} min.", "",
+             "Dice, mean ± std over cases (k = supports per query slice; 0 = no supports used); the last column "
+             "is the mean over classes with the half-width of its 95% t-interval over patients (a patient's "
+             "cases, i.e. volumes x seeds, averaged first):", "",
+             "| method | n | k | " + " | ".join(classes) + " | mean ± 95% CI |", "|---|---|---|" + "---|" * (len(classes) + 1)]
+    for key in keys:
+        e = summ[key]
+        lines.append(f"| {key[0]} | {key[2]} | {key[1]} | "
+                     + " | ".join(f"{_fmt(e[c]['dice_mean'])} ± {_fmt(e[c]['dice_std'])}" for c in classes)
+                     + f" | {_fmt(e['mean']['dice_mean'])} ± {_fmt(e['mean']['dice_ci95'])} |")
+    diff = paired_difference(rows, classes)
+    if diff:
+        lines += ["", "Retrieved minus random supports (same cases), class-mean Dice per patient; mean over "
+                      "patients with its 95% CI, and patients where retrieved is better:", "",
+                  "| n | k | retrieved - random | 95% CI | better / patients |", "|---|---|---|---|---|"]
+        for (k, n), d in sorted(diff.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            lo, hi = d["diff"] - d["ci95"], d["diff"] + d["ci95"]
+            lines.append(f"| {n} | {k} | {d['diff']:+.3f} | [{_fmt(lo)}, {_fmt(hi)}] | {d['wins']} / {d['patients']} |")
     lines += ["", "HD95 in mm, mean over cases where both masks are non-empty (cases excluded as empty):", "",
-              "| method | k | " + " | ".join(classes) + " |", "|---|---|" + "---|" * len(classes)]
-    for m, k in keys:
-        e = summ[(m, k)]
-        lines.append(f"| {m} | {k} | " + " | ".join(f"{_fmt(e[c]['hd95_mean'], 1)} ({e[c]['hd95_nan']})"
-                                                    for c in classes) + " |")
-    ft = [v["finetune"] for v in case_info.values() if "finetune" in v]
-    if ft:
-        lines += ["", f"Fine-tuning: {np.mean([f['train_s'] for f in ft]):.1f} s per case "
-                      f"({ft[0]['epochs']} epochs, embeddings cached), best training Dice "
-                      f"{np.mean([f['best_metric'] for f in ft]):.3f}."]
+              "| method | n | k | " + " | ".join(classes) + " |", "|---|---|---|" + "---|" * len(classes)]
+    for key in keys:
+        e = summ[key]
+        lines.append(f"| {key[0]} | {key[2]} | {key[1]} | "
+                     + " | ".join(f"{_fmt(e[c]['hd95_mean'], 1)} ({e[c]['hd95_nan']})" for c in classes) + " |")
+    lines += _timing_lines(rows, case_info, timing)
     (out / "summary.md").write_text("\n".join(lines) + "\n")
-    (out / "cases.json").write_text(json.dumps({"config": asdict(cfg), "cases": case_info}, indent=1, default=str))
+    (out / "cases.json").write_text(json.dumps({"config": asdict(cfg), "cases": case_info, "timing": timing or {}},
+                                               indent=1, default=str))
     if cfg.figures:
         _figures(rows, cfg, summ)
     return summ
+
+
+def _timing_lines(rows: list[dict], case_info: dict, timing: dict | None) -> list[str]:
+    """What labeling a new patient costs: encoding its slices, then each method's segmentation."""
+    lines = ["", "Time on this machine:"]
+    t = timing or {}
+    if t.get("encoded_slices"):
+        lines.append(f"- encoding: {t['encode_s'] / t['encoded_slices']:.2f} s per slice "
+                     f"({t['encoded_slices']} slices encoded fresh in {t['encode_s']:.0f} s)")
+    elif t.get("total_slices"):
+        lines.append(f"- encoding: all {t['total_slices']} slices came from the feature cache (no fresh encode timed)")
+    per: dict[tuple[str, int], dict[str, tuple[float, int]]] = {}
+    for r in rows:
+        per.setdefault((r["method"], int(r["k"])), {}).setdefault(r["case"], (float(r["seconds"]), int(r["query_slices"])))
+    for (m, k), cs in sorted(per.items(), key=lambda kv: (METHODS.index(kv[0][0]), kv[0][1])):
+        sec = sum(v[0] for v in cs.values())
+        nsl = sum(v[1] for v in cs.values())
+        lines.append(f"- {m} k={k}: {sec / max(nsl, 1):.3f} s per query slice after encoding"
+                     + (" (includes training)" if m == "unet" else ""))
+    ft = [v["finetune"] for v in case_info.values() if "finetune" in v]
+    if ft:
+        lines.append(f"- fine-tuning: {np.mean([f['train_s'] for f in ft]):.1f} s per case "
+                     f"({ft[0]['epochs']} epochs, embeddings cached), best training Dice "
+                     f"{np.mean([f['best_metric'] for f in ft]):.3f}")
+    for name in ("unet", "dynunet"):
+        tr = [v[name] for v in case_info.values() if name in v]
+        if tr:
+            lines.append(f"- {name}: {np.mean([x['train_s'] for x in tr]):.1f} s training per case, "
+                         f"{np.mean([x['iters'] for x in tr]):.0f} iterations (early stopping), "
+                         f"best validation Dice {np.mean([x['best_val'] for x in tr]):.3f}")
+    return lines
 
 
 def _figures(rows: list[dict], cfg: EvalConfig, summ: dict) -> None:
@@ -568,26 +708,54 @@ def _figures(rows: list[dict], cfg: EvalConfig, summ: dict) -> None:
 
     out = Path(cfg.out)
     classes = list(cfg.classes)
-    fig, axes = plt.subplots(1, len(classes) + 1, figsize=(3.2 * (len(classes) + 1), 3), sharey=True)
-    for ax, c in zip(np.atleast_1d(axes), classes + ["mean"]):
+    panels = classes + ["mean"]
+    nmax = max(n for _, _, n in summ)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3), sharey=True)
+    for ax, c in zip(np.atleast_1d(axes), panels):
         for m in METHODS:
-            ks = sorted(k for mm, k in summ if mm == m)
+            ks = sorted(k for mm, k, n in summ if mm == m and n == nmax)
             if not ks:
                 continue
-            ys = [summ[(m, k)][c]["dice_mean"] for k in ks]
+            ys = [summ[(m, k, nmax)][c]["dice_mean"] for k in ks]
             if m in K_FREE:
-                ax.axhline(ys[0], ls="--", lw=1, label=m, color="gray" if m == "gt-box" else "tab:brown")
+                ax.axhline(ys[0], ls="--", lw=1, label=m)
             else:
                 ax.plot(ks, ys, marker="o", label=m)
         ax.set_title(c)
         ax.set_xlabel("k")
-    np.atleast_1d(axes)[0].set_ylabel("Dice")
+    np.atleast_1d(axes)[0].set_ylabel(f"Dice (n = {nmax})")
     np.atleast_1d(axes)[-1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "dice_by_k.png", dpi=100)
     plt.close(fig)
+    if len({n for _, _, n in summ}) > 1:
+        _learning_curve(summ, cfg, plt)
     if cfg.save_predictions:
         _overlays(rows, cfg)
+
+
+def _learning_curve(summ: dict, cfg: EvalConfig, plt) -> None:
+    """Mean Dice over classes against the number of labeled patients (slices), 95% CI shaded."""
+    unit = "labeled slices per class" if cfg.mode == "intra" else "labeled patients"
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in METHODS:
+        for k in sorted({k for mm, k, _ in summ if mm == m}):
+            ns = sorted(n for mm, kk, n in summ if mm == m and kk == k)
+            y = np.array([summ[(m, k, n)]["mean"]["dice_mean"] for n in ns])
+            ci = np.array([summ[(m, k, n)]["mean"]["dice_ci95"] for n in ns])
+            line = ax.plot(ns, y, marker="o", label=m if m in K_FREE else f"{m} k={k}")[0]
+            if np.isfinite(ci).any():
+                ax.fill_between(ns, y - np.nan_to_num(ci), y + np.nan_to_num(ci), alpha=0.15, color=line.get_color())
+    ax.set_xscale("log", base=2)
+    ns_all = sorted({n for _, _, n in summ})
+    ax.set_xticks(ns_all, [str(n) for n in ns_all])
+    ax.set_xlabel(unit)
+    ax.set_ylabel("Dice, mean over classes (95% CI over patients)")
+    ax.set_title(Path(cfg.images).name)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(Path(cfg.out) / "learning_curve.png", dpi=100)
+    plt.close(fig)
 
 
 def _overlays(rows: list[dict], cfg: EvalConfig) -> None:
@@ -630,11 +798,11 @@ def run_evaluation(cfg: EvalConfig, command: str = "", progress: bool = True) ->
     t0 = time.perf_counter()
     h = Harness(cfg)
     subjects = _load_subjects(cfg, h.pre, progress)
-    cases = _intra_cases(subjects, cfg) if cfg.mode == "intra" else _loso_cases(subjects, cfg)
+    cases = {"intra": _intra_cases, "loso": _loso_cases, "cross": _cross_cases}[cfg.mode](subjects, cfg)
     if not cases:
         raise RagsegError("no evaluation case: no subject carries any of the classes")
-    h.encode(subjects, progress=progress)
+    timing = h.encode(subjects, progress=progress)
     rows = h.run(cases, progress=progress)
     m = h.models
     models = f"backend {m.backend} ({m.backend_reason}); retrieval {m.retrieval} ({m.retrieval_reason})"
-    return write_reports(rows, cfg, h.case_info, command, time.perf_counter() - t0, models)
+    return write_reports(rows, cfg, h.case_info, command, time.perf_counter() - t0, models, timing)
