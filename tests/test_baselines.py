@@ -38,8 +38,9 @@ def test_baseline_learns_from_few_slices_of_mixed_sizes(arch):
     for v in (1, 2):
         p, g = pred == v, np.stack([t[1] for t in test]) == v
         dice = 2 * (p & g).sum() / (p.sum() + g.sum())
-        # measured over seeds 0-2: unet 0.93-0.98, dynunet 0.80-0.97 at these settings
-        assert dice > 0.6, (arch, v, dice)
+        # measured with data and training seeds 0, 1, 2 (this recipe, 160 iterations): per class
+        # unet 0.88-0.96, dynunet 0.94-0.97; untrained nets score ~0
+        assert dice > 0.7, (arch, v, dice)
 
 
 def test_baseline_stops_early_and_respects_its_time_cap():
