@@ -685,18 +685,22 @@ def _timing_lines(rows: list[dict], case_info: dict, timing: dict | None) -> lis
         sec = sum(v[0] for v in cs.values())
         nsl = sum(v[1] for v in cs.values())
         lines.append(f"- {m} k={k}: {sec / max(nsl, 1):.3f} s per query slice after encoding"
-                     + (" (includes training)" if m == "unet" else ""))
-    ft = [v["finetune"] for v in case_info.values() if "finetune" in v]
+                     + (" (training included, spread over the queries of its pool)" if m in ("unet", "dynunet")
+                        else ""))
+    ft = list({json.dumps(v["finetune"], sort_keys=True): v["finetune"] for v in case_info.values()
+               if "finetune" in v}.values())
     if ft:
-        lines.append(f"- fine-tuning: {np.mean([f['train_s'] for f in ft]):.1f} s per case "
+        lines.append(f"- fine-tuning: {len(ft)} training(s), {np.mean([f['train_s'] for f in ft]):.1f} s each "
                      f"({ft[0]['epochs']} epochs, embeddings cached), best training Dice "
                      f"{np.mean([f['best_metric'] for f in ft]):.3f}")
     for name in ("unet", "dynunet"):
         tr = [v[name] for v in case_info.values() if name in v]
         if tr:
-            lines.append(f"- {name}: {np.mean([x['train_s'] for x in tr]):.1f} s training per case, "
-                         f"{np.mean([x['iters'] for x in tr]):.0f} iterations (early stopping), "
-                         f"best validation Dice {np.mean([x['best_val'] for x in tr]):.3f}")
+            uniq = list({json.dumps(x, sort_keys=True): x for x in tr}.values())  # one training per pool
+            why = ", ".join(sorted({x["stopped"] for x in uniq}))
+            lines.append(f"- {name}: {len(uniq)} training(s), {np.mean([x['train_s'] for x in uniq]):.1f} s and "
+                         f"{np.mean([x['iters'] for x in uniq]):.0f} iterations each (stopped by: {why}), "
+                         f"best validation Dice {np.mean([x['best_val'] for x in uniq]):.3f}")
     return lines
 
 
