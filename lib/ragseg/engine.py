@@ -91,6 +91,28 @@ class Support:
     load: Callable[[], tuple[np.ndarray, np.ndarray]]
 
 
+def read_cache_file(path: Path, parse: Callable):
+    """``parse(torch.load(path))``, or None when the file is absent; an unreadable or unparsable
+    file is removed (the entry is recomputed, never fatal)."""
+    if not path.exists():
+        return None
+    try:
+        return parse(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as e:
+        logger.warning("dropping unreadable cache file %s: %s", path, e)
+        path.unlink(missing_ok=True)
+        return None
+
+
+def _tally(cache, found) -> None:
+    """Count a disk lookup of ``cache`` (its ``_lock``, ``hits``, ``misses``) as a hit or a miss."""
+    with cache._lock:
+        if found is None:
+            cache.misses += 1
+        else:
+            cache.hits += 1
+
+
 class SupportMemoryCache:
     """LRU of support memories in RAM, backed by one file per memory on disk (optional).
 
@@ -118,24 +140,11 @@ class SupportMemoryCache:
                 self._ram.move_to_end(key)
                 self.hits += 1
                 return mem
-        if self.directory is not None:
-            p = self._path(key)
-            if p.exists():
-                try:
-                    d = torch.load(p, map_location="cpu", weights_only=True)
-                    mem = self.item_type(**d)
-                except Exception as e:  # a corrupt entry is recomputed, never fatal
-                    logger.warning("dropping unreadable support-memory cache file %s: %s", p, e)
-                    p.unlink(missing_ok=True)
-                    mem = None
-                if mem is not None:
-                    self._put_ram(key, mem)
-                    with self._lock:
-                        self.hits += 1
-                    return mem
-        with self._lock:
-            self.misses += 1
-        return None
+        mem = None if self.directory is None else read_cache_file(self._path(key), lambda d: self.item_type(**d))
+        _tally(self, mem)
+        if mem is not None:
+            self._put_ram(key, mem)
+        return mem
 
     def _put_ram(self, key: str, mem: SupportMemory) -> None:
         with self._lock:
@@ -202,21 +211,11 @@ class FeatureCache:
                 self._d.move_to_end(key)
                 self.hits += 1
                 return v
-        if self.directory is not None and self._file(key).exists():
-            try:
-                v = list(torch.load(self._file(key), map_location="cpu", weights_only=True))
-            except Exception as e:  # a corrupt entry is recomputed, never fatal
-                logger.warning("dropping unreadable feature-cache file %s: %s", self._file(key), e)
-                self._file(key).unlink(missing_ok=True)
-                v = None
-            if v is not None:
-                self._put_ram(key, v)
-                with self._lock:
-                    self.hits += 1
-                return v
-        with self._lock:
-            self.misses += 1
-        return None
+        v = None if self.directory is None else read_cache_file(self._file(key), list)
+        _tally(self, v)
+        if v is not None:
+            self._put_ram(key, v)
+        return v
 
     def put(self, key: str, feats: list[torch.Tensor]) -> None:
         if self.directory is not None and not self._file(key).exists():
