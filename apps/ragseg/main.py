@@ -48,7 +48,7 @@ class RagSegApp(MONAILabelApp):
                 "first": First()}
 
     def init_batch_infer(self):
-        return ResumableBatchInfer()
+        return ResumableBatchInfer(self.services)
 
     def on_init_complete(self):
         super().on_init_complete()

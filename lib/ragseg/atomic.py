@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,11 +23,12 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[str]:
     the file is fsynced and renamed to ``path``.
 
     suffix: the temp name's ending (writers such as nibabel choose the format by it). Temp names
-    start with ``.partial-`` so folder watchers and globs for real files ignore them.
+    start with ``.partial-<host>-<pid>-`` so folder watchers and globs for real files ignore them,
+    and :func:`sweep_partials` can tell a dead writer's debris from a live writer's file.
     """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=suffix, dir=str(p.parent))
+    fd, tmp = tempfile.mkstemp(prefix=_partial_prefix(), suffix=suffix, dir=str(p.parent))
     os.close(fd)
     try:
         yield tmp
@@ -48,3 +51,38 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", suffix: str = ".tmp"
     """``with atomic_write(p) as fh: fh.write(...)``: :func:`atomic_path` with an open file."""
     with atomic_path(path, suffix) as tmp, open(tmp, mode) as fh:
         yield fh
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())[:40] or "host"
+
+
+def _partial_prefix() -> str:
+    return f".partial-{_host()}-{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def sweep_partials(folder: str | os.PathLike) -> list[Path]:
+    """Remove temp files left in ``folder`` by writers on this host that were killed mid-write
+    (SIGKILL skips ``finally``). Files of live processes and of other hosts are left alone.
+    Returns the removed paths."""
+    d = Path(folder)
+    if not d.is_dir():
+        return []
+    pat = re.compile(rf"^\.partial-{re.escape(_host())}-(\d+)-")
+    removed = []
+    for f in d.iterdir():
+        m = pat.match(f.name)
+        if m and not _pid_alive(int(m.group(1))):
+            f.unlink(missing_ok=True)
+            removed.append(f)
+    return removed

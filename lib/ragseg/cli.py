@@ -90,16 +90,44 @@ def cmd_weights(a: argparse.Namespace) -> int:
 
 
 # -- index -----------------------------------------------------------------------------------------
+def _ray_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Ray scale-out (see README: Scale out)")
+    g.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run on Ray: alone, a local runtime; or 'auto', HOST:PORT, ray://HOST:10001 to join a cluster")
+    g.add_argument("--actors", type=int, default=0, help="worker actors (default: as many as the CPUs/GPUs allow)")
+    g.add_argument("--threads-per-actor", type=int, default=0,
+                   help="torch threads (and CPUs reserved) per actor (default: node CPUs / actors per node, max "
+                        f"{defaults.RAY_MAX_THREADS})")
+    g.add_argument("--gpus-per-actor", type=float, default=-1, help="default: 1 when the cluster has GPUs, else 0")
+    g.add_argument("--max-retries", type=int, default=defaults.RAY_MAX_RETRIES,
+                   help="resubmissions of a volume whose worker died (default: %(default)s)")
+
+
+def _ray_options(a: argparse.Namespace):
+    from .scale import RayOptions
+
+    return RayOptions(address=a.ray, actors=a.actors, threads=a.threads_per_actor, gpus_per_actor=a.gpus_per_actor,
+                      max_retries=a.max_retries)
+
+
 def cmd_index_build(a: argparse.Namespace) -> int:
-    from .factory import ModelSet
     from .pipeline import discover_pairs, open_index, sync_index
 
     items = discover_pairs(a.images, a.labels)
     if not items:
         raise RagsegError(f"no image in {a.images} has a label of the same name in {a.labels}")
-    emb = ModelSet(_model_config(a)).embedder()
-    index = open_index(a.index, emb, _preprocess(a), kind=a.kind)
-    rep = sync_index(index, emb, _preprocess(a), items, remove_missing=not a.keep_missing, progress=True)
+    cfg = _model_config(a)
+    if a.ray is not None:
+        from .scale import sync_index_ray
+
+        index, rep = sync_index_ray(a.index, cfg, _preprocess(a), items, kind=a.kind, opts=_ray_options(a),
+                                    remove_missing=not a.keep_missing)
+    else:
+        from .factory import ModelSet
+
+        emb = ModelSet(cfg).embedder()
+        index = open_index(a.index, emb, _preprocess(a), kind=a.kind)
+        rep = sync_index(index, emb, _preprocess(a), items, remove_missing=not a.keep_missing, progress=True)
     print(f"index {a.index}: {len(index)} slices from {len(index.images())} images ({rep})")
     for k, v in rep.failed.items():
         print(f"  failed {k}: {v}", file=sys.stderr)
@@ -167,6 +195,9 @@ def cmd_sample_data(a: argparse.Namespace) -> int:
 def cmd_label_all(a: argparse.Namespace) -> int:
     from . import label_all
 
+    if a.target.startswith(("http://", "https://")) and a.ray is not None:
+        raise RagsegError("--ray runs on a local datastore folder; for a server, start it with "
+                          "--conf ray_address ADDRESS and use --batch")
     if a.target.startswith(("http://", "https://")) and a.batch:
         rep = label_all.label_server_batch(a.target, model=a.model, redo=a.redo, params={"k": a.k} if a.k else None)
     elif a.target.startswith(("http://", "https://")):
@@ -176,11 +207,23 @@ def cmd_label_all(a: argparse.Namespace) -> int:
         root = Path(a.target)
         if not root.is_dir():
             raise RagsegError(f"{root}: not a datastore folder (or give a server URL)")
-        factory = label_all.local_segmenter_factory(root, _model_config(a), _preprocess(a), a.k or defaults.DEFAULT_K)
-        rep = label_all.label_local(root, factory, redo=a.redo, limit=a.limit)
+        if a.ray is not None:
+            from .scale import label_ray
+
+            rep = label_ray(root, _model_config(a), _preprocess(a), k=a.k or defaults.DEFAULT_K, opts=_ray_options(a),
+                            redo=a.redo, limit=a.limit)
+        else:
+            factory = label_all.local_segmenter_factory(root, _model_config(a), _preprocess(a),
+                                                        a.k or defaults.DEFAULT_K)
+            rep = label_all.label_local(root, factory, redo=a.redo, limit=a.limit)
+        summary = Path(a.summary) if a.summary else root / ".ragseg" / "label-all-summary.json"
+        rep.write(summary)
+        print(f"summary: {summary}")
     print(rep.summary())
     for k, v in rep.failed.items():
         print(f"  failed {k}: {v}", file=sys.stderr)
+    if rep.interrupted:
+        return 130
     return 1 if rep.failed else 0
 
 
@@ -279,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ragseg", description="Few-shot segmentation with retrieval-augmented SAM 2")
     p.add_argument("--version", action="version", version=f"ragseg {__version__}")
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--threads", type=int, default=0, help="torch threads in this process (default: every core)")
     sub = p.add_subparsers(dest="command", required=True)
 
     w = sub.add_parser("weights", help="list, fetch (with SHA-256 check) or verify official checkpoints")
@@ -298,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--index", required=True, help="index directory")
     b.add_argument("--kind", default="auto", choices=("auto", "flat", "ivf", "hnsw"))
     b.add_argument("--keep-missing", action="store_true", help="keep indexed images that have no label now")
+    _ray_args(b)
     _model_args(b)
     b.set_defaults(func=cmd_index_build)
 
@@ -329,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--batch", action="store_true",
                     help="server mode: one POST /batch/infer/<model> (server-side subprocess) instead of per-image calls")
     _model_args(la)
+    la.add_argument("--summary", default=None, metavar="FILE",
+                    help="summary JSON (local datastore; default: TARGET/.ragseg/label-all-summary.json)")
+    _ray_args(la)
     la.set_defaults(func=cmd_label_all)
 
     ev = sub.add_parser("evaluate", help="few-shot evaluation (Dice, HD95) against baselines; CSV, table, figures")
@@ -404,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from .factory import set_threads
 
-        set_threads()
+        set_threads(a.threads or None)
         return int(a.func(a) or 0)
     except RagsegError as e:
         print(f"error: {e}", file=sys.stderr)

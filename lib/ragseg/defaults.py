@@ -75,3 +75,10 @@ FINETUNE_MAX_EPISODES = 64  # episodes per epoch at most (one step ~0.3 s per ep
 FINETUNE_LR = 1e-4
 FINETUNE_BATCH = 8
 FINETUNE_BOX_JITTER = 0.1  # training boxes moved by up to this fraction of their size
+
+# --- Ray scale-out (ragseg.scale) ------------------------------------------------------------------
+RAY_MAX_RETRIES = 3  # resubmissions of a volume whose worker process died
+RAY_MAX_THREADS = 4  # default torch threads per CPU actor (more actors beat more threads per actor)
+RAY_STARTUP_TIMEOUT_S = 900.0  # actors must have loaded their models by then
+RAY_PROBE_INTERVAL_S = 0.5  # how often a restarting actor is asked whether it is back
+RAY_INDEX_FLUSH = 64  # volumes merged into the index per transaction during a Ray index build

@@ -188,8 +188,12 @@ class ModelSet:
                                 max_regions=self.cfg.max_regions)
 
 
-def set_threads() -> None:
-    """Use every core for intra-op parallelism (torch defaults can be lower in containers)."""
+def set_threads(n: int | None = None) -> None:
+    """Use ``n`` threads for intra-op parallelism (default: every core; torch's default can be
+    lower in containers)."""
+    if n:
+        torch.set_num_threads(n)
+        return
     n = os.cpu_count() or 1
     if torch.get_num_threads() < n:
         torch.set_num_threads(n)

@@ -212,21 +212,36 @@ class SliceIndex:
 
     def replace_image(self, image_id: str, vectors: np.ndarray, records: Sequence[SliceRecord]) -> None:
         """Atomically replace every stored slice of ``image_id`` with these (none = remove)."""
-        vectors = np.asarray(vectors, dtype=np.float32).reshape(-1, self.dim)
-        if len(vectors) != len(records):
-            raise ValueError(f"{len(vectors)} vectors but {len(records)} records")
-        if any(r.image_id != image_id for r in records):
-            raise ValueError("records must all belong to image_id")
-        if len(vectors) and not np.isfinite(vectors).all():
-            raise ValueError("vectors contain NaN/Inf")
+        self.replace_images([(image_id, vectors, records)])
+
+    def replace_images(self, items: Sequence[tuple[str, np.ndarray, Sequence[SliceRecord]]]) -> None:
+        """:meth:`replace_image` for several images in one transaction (one file write).
+
+        Applied in order, so ids are those successive ``replace_image`` calls would give: a
+        distributed build that merges in the datastore's order stores what a serial one does.
+        """
+        checked = []
+        for image_id, vectors, records in items:
+            vectors = np.asarray(vectors, dtype=np.float32).reshape(-1, self.dim)
+            if len(vectors) != len(records):
+                raise ValueError(f"{image_id}: {len(vectors)} vectors but {len(records)} records")
+            if any(r.image_id != image_id for r in records):
+                raise ValueError("records must all belong to image_id")
+            if len(vectors) and not np.isfinite(vectors).all():
+                raise ValueError(f"{image_id}: vectors contain NaN/Inf")
+            checked.append((image_id, vectors, records))
+        if not checked:
+            return
         with self.transaction():
-            st, _ = self._without_image(self._state, image_id)
-            if len(vectors):
-                ids = np.arange(st.next_id, st.next_id + len(vectors), dtype=np.int64)
-                meta = dict(st.meta)
-                meta.update((int(i), r) for i, r in zip(ids, records))
-                st = _State(np.concatenate([st.vecs, vectors]), np.concatenate([st.ids, ids]), meta,
-                            st.next_id + len(vectors))
+            st = self._state
+            for image_id, vectors, records in checked:
+                st, _ = self._without_image(st, image_id)
+                if len(vectors):
+                    ids = np.arange(st.next_id, st.next_id + len(vectors), dtype=np.int64)
+                    meta = dict(st.meta)
+                    meta.update((int(i), r) for i, r in zip(ids, records))
+                    st = _State(np.concatenate([st.vecs, vectors]), np.concatenate([st.ids, ids]), meta,
+                                st.next_id + len(vectors))
             self._state = st
 
     def remove_image(self, image_id: str) -> int:
@@ -266,6 +281,16 @@ class SliceIndex:
     def vectors(self) -> np.ndarray:
         self.refresh()
         return self._state.vecs.copy()
+
+    def ids(self) -> np.ndarray:
+        self.refresh()
+        return self._state.ids.copy()
+
+    def snapshot(self) -> FrozenIndex:
+        """A read-only, picklable copy of the current version (what Ray workers search)."""
+        self.refresh()
+        return FrozenIndex(self._state, embedder_id=self.embedder_id, dim=self.dim, kind=self.kind,
+                           approx_threshold=self.approx_threshold, nprobe=self.nprobe)
 
     def search(self, queries: np.ndarray, k: int, *, label: int | None = None,
                exclude: Iterable[tuple[str, int]] = (), exclude_images: Iterable[str] = (),
@@ -339,6 +364,12 @@ class _State:
     faiss: object = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
+    def __getstate__(self) -> dict:  # the FAISS index and the lock are rebuilt where it lands
+        return {"vecs": self.vecs, "ids": self.ids, "meta": self.meta, "next_id": self.next_id}
+
+    def __setstate__(self, d: dict) -> None:
+        self.__dict__.update(d, faiss=None, lock=threading.Lock())
+
     @classmethod
     def empty(cls, dim: int) -> _State:
         return cls(np.zeros((0, dim), dtype=np.float32), np.zeros((0,), dtype=np.int64), {}, 0)
@@ -351,3 +382,42 @@ class _State:
                 self.faiss = build_faiss(self.vecs, self.ids, kind, nprobe=owner.nprobe, use_gpu=owner.use_gpu)
             index = self.faiss
         return index.search(q, k)
+
+
+class FrozenIndex(SliceIndex):
+    """One version of a :class:`SliceIndex`, in memory, read-only and picklable.
+
+    Published once to Ray's object store so every worker searches the same index without a file,
+    a lock or a re-read per volume. Searching behaves exactly as on the index it came from.
+    """
+
+    def __init__(self, state: _State, *, embedder_id: str, dim: int, kind: str = "auto",
+                 approx_threshold: int = defaults.APPROX_THRESHOLD, nprobe: int = defaults.IVF_NPROBE):
+        self.directory = self.path = None
+        self.embedder_id, self.dim, self.kind = embedder_id, int(dim), kind
+        self.approx_threshold, self.nprobe = int(approx_threshold), int(nprobe)
+        self.stale_reason = None
+        self._state = state
+        self._init_local()
+
+    def _init_local(self) -> None:
+        """What does not travel between processes: locks and the GPU decision of this host."""
+        self._tlock = threading.RLock()
+        self.use_gpu = (faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0) > 0
+
+    def __getstate__(self) -> dict:
+        d = dict(self.__dict__)
+        d.pop("_tlock", None)
+        return d
+
+    def __setstate__(self, d: dict) -> None:
+        self.__dict__.update(d)
+        self._init_local()
+
+    def refresh(self) -> None:  # nothing to pick up: a snapshot never changes
+        pass
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[SliceIndex]:
+        raise RagsegError("a frozen index snapshot is read-only")
+        yield self  # pragma: no cover

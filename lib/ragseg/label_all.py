@@ -12,13 +12,16 @@ skipped, so an interrupted run resumes where it stopped (``--redo`` recomputes t
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
+from .atomic import atomic_write
 from .errors import RagsegError
 from .volume import IMAGE_EXTS, image_id_of, load_image, save_label
 
@@ -31,12 +34,49 @@ class LabelAllReport:
     skipped: list[str] = field(default_factory=list)  # already had an original label
     human: list[str] = field(default_factory=list)  # have a final label: never touched
     failed: dict[str, str] = field(default_factory=dict)
+    retried: dict[str, int] = field(default_factory=dict)  # Ray: resubmissions after a worker died
+    slices: int = 0  # slices segmented
     seconds: float = 0.0
+    interrupted: bool = False
+    run: dict = field(default_factory=dict)  # how it ran (Ray: address, nodes, actors, threads...)
 
     def summary(self) -> str:
+        retried = f", {sum(self.retried.values())} retries" if self.retried else ""
         return (f"labelled {len(self.done)}, skipped {len(self.skipped)} already done, "
-                f"{len(self.human)} with human labels untouched, {len(self.failed)} failed, "
-                f"in {self.seconds:.1f} s")
+                f"{len(self.human)} with human labels untouched, {len(self.failed)} failed{retried}, "
+                f"in {self.seconds:.1f} s" + (" (interrupted: re-run to resume)" if self.interrupted else ""))
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["slices_per_s"] = round(self.slices / self.seconds, 3) if self.seconds > 0 else None
+        return d
+
+    def write(self, path: str | Path) -> Path:
+        """The summary JSON, written atomically."""
+        with atomic_write(path, "w", suffix=".json") as fh:
+            json.dump(self.to_json(), fh, indent=1)
+        return Path(path)
+
+
+def label_volume(seg, path: Path, original: Path) -> int:
+    """Segment one image and write its ``original`` label (temp file + rename); returns the number
+    of slices segmented. The unit of work of every local path: :func:`label_local` and the Ray
+    workers of :mod:`ragseg.scale`."""
+    iid = image_id_of(path)
+    vol = load_image(path)
+    res = seg.segment_volume(vol, image_id=iid)
+    save_label(original / f"{iid}.nii.gz", res.label_map, vol)
+    return len(res.slices)
+
+
+def datastore_plan(root: Path, redo: bool, limit: int | None) -> tuple[LabelAllReport, list[Path]]:
+    """A local datastore's images split into human-labeled, already done and to do (paths)."""
+    final, original = root / "labels" / "final", root / "labels" / "original"
+    images = {image_id_of(p): p for p in root.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_EXTS)}
+    final_ids = {image_id_of(p) for p in final.iterdir()} if final.is_dir() else set()
+    orig_ids = {image_id_of(p) for p in original.iterdir() if not p.name.startswith(".")} if original.is_dir() else set()
+    rep, todo_ids = _plan(list(images), final_ids, orig_ids, redo, limit)
+    return rep, [images[i] for i in todo_ids]
 
 
 def _plan(ids: list[str], final: set[str], original: set[str], redo: bool, limit: int | None
@@ -58,24 +98,22 @@ def label_local(root: str | Path, segmenter_factory, *, redo: bool = False, limi
                 progress: bool = True) -> LabelAllReport:
     """Label a local datastore folder. ``segmenter_factory()`` -> a Segmenter on its final labels."""
     root = Path(root)
-    final, original = root / "labels" / "final", root / "labels" / "original"
-    images = {image_id_of(p): p for p in root.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_EXTS)}
-    final_ids = {image_id_of(p) for p in final.iterdir()} if final.is_dir() else set()
-    orig_ids = {image_id_of(p) for p in original.iterdir() if not p.name.startswith(".")} if original.is_dir() else set()
-    rep, todo_ids = _plan(list(images), final_ids, orig_ids, redo, limit)
-    todo = [images[i] for i in todo_ids]
+    original = root / "labels" / "original"
+    rep, todo = datastore_plan(root, redo, limit)
     t0 = time.time()
     seg = segmenter_factory() if todo else None
+    rep.run = {"mode": "local", "threads": torch.get_num_threads()}
     for p in tqdm(todo, desc="labelling", unit="img", disable=not progress):
         iid = image_id_of(p)
         try:
-            vol = load_image(p)
-            res = seg.segment_volume(vol, image_id=iid)
-            save_label(original / f"{iid}.nii.gz", res.label_map, vol)
+            rep.slices += label_volume(seg, p, original)
             rep.done.append(iid)
         except RagsegError as e:
             rep.failed[iid] = str(e)
             logger.warning("%s: %s", iid, e)
+        except KeyboardInterrupt:
+            rep.interrupted = True
+            break
     rep.seconds = time.time() - t0
     return rep
 
@@ -170,21 +208,35 @@ def label_server_batch(url: str, *, model: str = "ragseg", redo: bool = False, p
     return rep
 
 
+def open_pool(root: Path, model_cfg, pre):
+    """The models and the index of ``root/labels/final`` (synced): what labelling a local
+    datastore learns from. Returns (ModelSet, embedder, index)."""
+    from .factory import ModelSet
+    from .pipeline import discover_pairs, open_index, sync_index
+
+    models = ModelSet(model_cfg)
+    emb = models.embedder()
+    idx = open_index(root / ".ragseg" / "index", emb, pre)
+    sync_index(idx, emb, pre, discover_pairs(root, root / "labels" / "final"), progress=True)
+    if len(idx) == 0:
+        raise RagsegError(f"{root}: no labeled slice in labels/final to learn from")
+    return models, emb, idx
+
+
+def pool_model_config(root: Path, model_cfg):
+    """The datastore's support-memory cache unless the caller chose one."""
+    if model_cfg.memory_cache is None:
+        model_cfg.memory_cache = str(root / ".ragseg" / "memories")
+    return model_cfg
+
+
 def local_segmenter_factory(root: Path, model_cfg, pre, k: int):
     """Index ``root/labels/final`` and return a Segmenter on it (built only when there is work)."""
 
     def make():
-        from .factory import ModelSet
-        from .pipeline import Segmenter, discover_pairs, open_index, sync_index
+        from .pipeline import Segmenter
 
-        models = ModelSet(model_cfg)
-        emb = models.embedder()
-        idx = open_index(root / ".ragseg" / "index", emb, pre)
-        sync_index(idx, emb, pre, discover_pairs(root, root / "labels" / "final"), progress=True)
-        if len(idx) == 0:
-            raise RagsegError(f"{root}: no labeled slice in labels/final to learn from")
-        if model_cfg.memory_cache is None:
-            model_cfg.memory_cache = str(root / ".ragseg" / "memories")
+        models, emb, idx = open_pool(root, pool_model_config(root, model_cfg), pre)
         return Segmenter(models.engine(), emb, idx, pre, k=k)
 
     return make

@@ -162,34 +162,59 @@ class SyncReport:
                 f"unchanged {len(self.unchanged)}, failed {len(self.failed)}")
 
 
+def index_volume(item: LabeledVolume, embedder: Embedder, pre: Preprocess, stored: dict | None = None
+                 ) -> tuple[np.ndarray, list[SliceRecord]] | None:
+    """What the index needs of one labeled volume: ``None`` when ``stored`` (its entry in
+    :meth:`SliceIndex.images`) has the same label and image checksums, else its embeddings and
+    records. The unit of work of :func:`sync_index` and of the Ray index build."""
+    if stored and stored["label_checksum"] == file_checksum(item.label_path) \
+            and stored["image_checksum"] == file_checksum(item.image_path):
+        return None
+    return embed_labeled_volume(item, embedder, pre)
+
+
 def sync_index(index: SliceIndex, embedder: Embedder, pre: Preprocess, items: Sequence[LabeledVolume], *,
                remove_missing: bool = True, progress: bool = False) -> SyncReport:
     """Make ``index`` hold exactly the labeled slices of ``items``.
 
     A volume is (re-)embedded when it is new or its label/image checksum changed; images no
     longer in ``items`` are removed. A volume that fails to load is reported, not fatal.
+    ``ragseg.scale.sync_index_ray`` does the same with the embedding spread over a Ray cluster.
     """
     rep = SyncReport()
     stored = index.images()
-    wanted = {it.image_id for it in items}
     for it in tqdm(items, desc="indexing labels", disable=not progress, unit="vol"):
         try:
-            lc, ic = file_checksum(it.label_path), file_checksum(it.image_path)
-            st = stored.get(it.image_id)
-            if st and st["label_checksum"] == lc and st["image_checksum"] == ic:
-                rep.unchanged.append(it.image_id)
-                continue
-            vecs, recs = embed_labeled_volume(it, embedder, pre)
-            index.replace_image(it.image_id, vecs, recs)
-            (rep.updated if st else rep.added).append(it.image_id)
+            res = index_volume(it, embedder, pre, stored.get(it.image_id))
         except (RagsegError, OSError) as e:
             logger.warning("cannot index %s: %s", it.image_id, e)
             rep.failed[it.image_id] = str(e)
+            continue
+        apply_indexed(index, [(it, res)], stored, rep)
+    finish_sync(index, items, stored, rep, remove_missing)
+    return rep
+
+
+def apply_indexed(index: SliceIndex, results: Sequence[tuple[LabeledVolume, tuple | None]], stored: dict,
+                  rep: SyncReport) -> None:
+    """Store :func:`index_volume` results, in the given order, in one index transaction."""
+    batch = []
+    for it, res in results:
+        if res is None:
+            rep.unchanged.append(it.image_id)
+        else:
+            batch.append((it.image_id, *res))
+            (rep.updated if it.image_id in stored else rep.added).append(it.image_id)
+    index.replace_images(batch)
+
+
+def finish_sync(index: SliceIndex, items: Sequence[LabeledVolume], stored: dict, rep: SyncReport,
+                remove_missing: bool) -> None:
+    """Remove stored images that are no longer among ``items`` (when ``remove_missing``)."""
     if remove_missing:
-        for image_id in set(stored) - wanted:
+        for image_id in sorted(set(stored) - {it.image_id for it in items}):
             index.remove_image(image_id)
             rep.removed.append(image_id)
-    return rep
 
 
 class SegmentationEngine(Protocol):
@@ -212,13 +237,38 @@ def _rkey(hit, label: int) -> tuple[str, int, int]:
 
 
 class SupportStore:
-    """Loads support slices and masks for index records (a few volumes cached in RAM)."""
+    """Loads support slices and masks for index records (a few volumes cached in RAM).
+
+    :meth:`freeze` makes a picklable copy holding every support slice of a record set in memory:
+    Ray workers get it once from the object store and never read the support volumes.
+    """
 
     def __init__(self, pre: Preprocess, max_volumes: int = 4):
         self.pre = pre
         self.max_volumes = max_volumes
         self._vols: OrderedDict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._lock = threading.Lock()
+        self._frozen: dict[tuple[str, str, int], tuple[np.ndarray, np.ndarray]] = {}
+
+    def __getstate__(self) -> dict:
+        return {"pre": self.pre, "max_volumes": self.max_volumes, "_frozen": self._frozen}
+
+    def __setstate__(self, d: dict) -> None:
+        self.__init__(d["pre"], d["max_volumes"])
+        self._frozen = d["_frozen"]
+
+    def freeze(self, records: Sequence[SliceRecord], progress: bool = False) -> SupportStore:
+        """A copy that holds the slices of ``records`` (image and label map) in memory."""
+        out = SupportStore(self.pre, self.max_volumes)
+        by_vol: dict[tuple[str, str], list[SliceRecord]] = {}
+        for r in records:
+            by_vol.setdefault((r.image_path, r.label_path), []).append(r)
+        for recs in tqdm(list(by_vol.values()), desc="loading supports", unit="vol", disable=not progress):
+            img, lab = self._volume(recs[0])
+            for r in recs:
+                out._frozen[(r.image_path, r.label_path, r.slice_index)] = (
+                    np.ascontiguousarray(img[r.slice_index]), np.ascontiguousarray(lab[r.slice_index]))
+        return out
 
     def _volume(self, rec: SliceRecord) -> tuple[np.ndarray, np.ndarray]:
         key = (rec.image_path, rec.label_path)
@@ -239,8 +289,9 @@ class SupportStore:
         key = f"{rec.image_checksum}|{rec.label_checksum}|{self.pre.id}|{rec.slice_index}|{label}"
 
         def load() -> tuple[np.ndarray, np.ndarray]:
-            img, lab = self._volume(rec)
-            return img[rec.slice_index], lab[rec.slice_index] == label
+            frozen = self._frozen.get((rec.image_path, rec.label_path, rec.slice_index))
+            img, lab = frozen if frozen is not None else (a[rec.slice_index] for a in self._volume(rec))
+            return img, lab == label
 
         return Support(hashlib.sha256(key.encode()).hexdigest(), load)
 
@@ -359,18 +410,20 @@ class Segmenter:
         propagate: 3D-consistency mode (track through neighbouring slices, see
             :meth:`RagSam2Engine.propagate`).
         diverse: spread the k supports over the labeled images (see :func:`diverse_top_k`).
+        store: where support slices come from (default: read from the records' files on demand;
+            Ray workers pass a frozen store, see :meth:`SupportStore.freeze`).
     """
 
     def __init__(self, engine: SegmentationEngine, embedder: Embedder, index: SliceIndex, pre: Preprocess, *,
                  k: int = defaults.DEFAULT_K, allow_same_image: bool = True, propagate: bool = False,
-                 diverse: bool = defaults.DIVERSE_SUPPORTS):
+                 diverse: bool = defaults.DIVERSE_SUPPORTS, store: SupportStore | None = None):
         if not 1 <= k <= defaults.MAX_K:
             raise RagsegError(f"k must be between 1 and {defaults.MAX_K}, got {k}")
         if index.embedder_id != index_id(embedder, pre):
             raise RagsegError(f"index was built for {index.embedder_id}, not {index_id(embedder, pre)}")
         self.engine, self.embedder, self.index, self.pre = engine, embedder, index, pre
         self.k, self.allow_same_image, self.propagate, self.diverse = k, allow_same_image, propagate, diverse
-        self.store = SupportStore(pre)
+        self.store = store or SupportStore(pre)
 
     def pool_labels(self) -> list[int]:
         return sorted({v for r in self.index.records() for v in r.labels})

@@ -109,6 +109,9 @@ class AppConfig:
     embed_unlabeled: bool = True  # embed unlabeled images in the background for the diversity strategy
     infer_concurrency: int = 1  # segmentations run at once; more requests wait on worker threads
     ohif_seg_fix: bool = True  # undo the bundled OHIF's z-mirrored SEG export (see ragseg.seg)
+    ray_address: str = ""  # batch infer of unlabeled images on Ray: 'local', 'auto', host:port, ray://host:10001
+    ray_actors: int = 0  # Ray worker actors (0: as the cluster's CPUs/GPUs allow)
+    ray_threads: int = 0  # torch threads per Ray actor (0: node CPUs / actors per node)
     random_weights_for_testing: bool = False
 
     @classmethod
@@ -153,6 +156,8 @@ class AppConfig:
                 val = v
             elif key == "labels":
                 val = _labels(key, v)
+            elif key in ("ray_actors", "ray_threads"):
+                val = _number(key, v, 0, 4096)
             elif key == "infer_concurrency":
                 val = _number(key, v, 1, 64)
             elif key == "reconcile_interval":
