@@ -8,6 +8,7 @@ handles that started it, and any process still running from that dir is killed b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -60,43 +61,56 @@ def _pids_mentioning(text: str) -> list[int]:
     return out
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    """A head node and one more node (1 CPU each) on 127.0.0.1, in a temp dir of our own."""
+@contextlib.contextmanager
+def ray_sandbox():
+    """Point every Ray process started from here (and from subprocesses) at a temp dir of our own;
+    at the end kill, by PID, whatever still runs from it."""
     tmp = tempfile.mkdtemp(prefix="rgray", dir="/tmp")  # short: Ray's socket paths have a length limit
     (Path(tmp) / "ray").mkdir()
-    env = {"RAY_TMPDIR": tmp,  # subprocess drivers and every Ray process write only here
+    env = {"RAY_TMPDIR": tmp,
            # Ray turns a 127.0.0.1 address into the host's outward IP unless single-host mode is on:
            # with it, drivers (this process, CLI and server subprocesses) stay on loopback
            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    import ray
     import ray._private.ray_constants as rc
-    from ray.cluster_utils import Cluster
 
     rc.ENABLE_RAY_CLUSTER = False  # in case ray was imported before the variable was set
-    node = dict(num_cpus=1, object_store_memory=128 << 20, node_ip_address="127.0.0.1")
-    c = Cluster(initialize_head=True, head_node_args=dict(node, temp_dir=f"{tmp}/ray", include_dashboard=False))
     try:
-        c.add_node(**node)
-        c.wait_for_nodes()
-        yield c
+        yield tmp
     finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        c.shutdown()
         end = time.time() + 20
         while _pids_mentioning(tmp) and time.time() < end:
             time.sleep(0.5)
-        for pid in _pids_mentioning(tmp):  # by PID, only processes of this cluster
-            os.kill(pid, signal.SIGKILL)
+        for pid in _pids_mentioning(tmp):  # by PID, only processes of this sandbox
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         shutil.rmtree(tmp, ignore_errors=True)
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        rc.ENABLE_RAY_CLUSTER = True
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head node and one more node (1 CPU each) on 127.0.0.1, in a temp dir of our own."""
+    with ray_sandbox() as tmp:
+        import ray
+        from ray.cluster_utils import Cluster
+
+        node = dict(num_cpus=1, object_store_memory=128 << 20, node_ip_address="127.0.0.1")
+        c = Cluster(initialize_head=True, head_node_args=dict(node, temp_dir=f"{tmp}/ray", include_dashboard=False))
+        try:
+            c.add_node(**node)
+            c.wait_for_nodes()
+            yield c
+        finally:
+            if ray.is_initialized():
+                ray.shutdown()
+            c.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -294,3 +308,21 @@ def test_app_batch_infer_on_ray(cluster, base, reference, tmp_path):
         assert {i for i, o in objs.items() if "original" in o.get("labels", {})} == set(reference)
     finally:
         srv.stop()
+
+
+def test_bench_scale_quick(tmp_path):
+    """`ragseg bench scale --quick`: single process and 1, 2 local Ray actors in one run."""
+    out = tmp_path / "scale.json"
+    with ray_sandbox():
+        r = subprocess.run([sys.executable, "-m", "ragseg.cli", "bench", "scale", "--quick", "--json", str(out)],
+                           capture_output=True, text=True, env=_cli_env(), timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "vs single" in r.stdout
+    res = json.loads(out.read_text())
+    rows = res["rows"]
+    assert [(x["mode"], x["actors"]) for x in rows] == [("single process", 0), ("ray", 1), ("ray", 2)]
+    assert [x["threads"] for x in rows] == [res["cores"], res["cores"], max(1, res["cores"] // 2)]
+    for x in rows:  # every configuration labelled every volume
+        assert x["volumes"] == res["n_volumes"] and x["slices"] == res["n_volumes"] * res["shape"][2]
+        assert x["run_s"] > 0 and x["speedup_vs_single"] > 0 and x["overhead_s_per_volume"] >= 0
+    assert rows[0]["speedup_vs_single"] == 1.0

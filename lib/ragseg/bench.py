@@ -388,3 +388,94 @@ def main_litemedsam(n: int, finetune_slices: int, json_path: str | None) -> int:
         with open(json_path, "w") as fh:
             json.dump(out, fh, indent=1)
     return 0
+
+
+def scale_bench(n_volumes: int = 8, shape: tuple[int, int, int] = (128, 128, 16), actors: tuple[int, ...] = (1, 2),
+                random_weights: bool = False, k: int = 3) -> dict:
+    """``label-all`` throughput: single process vs Ray with 1, 2, ... actors, in one run.
+
+    Each Ray configuration uses cores // actors torch threads per actor, so the cores are never
+    oversubscribed; the single-process run uses every core. Every run labels the same synthetic
+    datastore from scratch with its own support cache. Setup (index sync, model loading, actor
+    start) is reported apart from the labelling itself.
+    """
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from .factory import ModelConfig
+    from .label_all import label_local, local_segmenter_factory
+    from .pipeline import Preprocess
+    from .scale import RayOptions, connect, label_ray
+    from .synthetic import make_dataset
+
+    cores = os.cpu_count() or 1
+    pre = Preprocess()
+    tmp = Path(tempfile.mkdtemp(prefix="ragseg-bench-scale-"))
+    rows = []
+
+    def cfg(run: str) -> ModelConfig:
+        return ModelConfig(random_weights=random_weights, image_size=128 if random_weights else 1024,
+                           backend="rag-sam2" if random_weights else "litemedsam",
+                           retrieval="dinov2" if random_weights else "litemedsam",
+                           memory_cache=str(tmp / "cache" / run))
+
+    def fresh() -> None:
+        shutil.rmtree(ds / "labels" / "original", ignore_errors=True)
+
+    try:
+        ds = tmp / "ds"
+        make_dataset(ds, n_subjects=n_volumes + 2, n_labeled=2, shape=shape)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(cores)
+        try:
+            factory = local_segmenter_factory(ds, cfg("single"), pre, k)
+            setup = {}
+
+            def timed():
+                t = time.perf_counter()
+                seg = factory()
+                setup["s"] = time.perf_counter() - t
+                return seg
+
+            rep = label_local(ds, timed, progress=False)
+        finally:
+            torch.set_num_threads(threads)
+        run_s = rep.seconds - setup["s"]
+        base = {"mode": "single process", "actors": 0, "threads": cores, "setup_s": setup["s"], "run_s": run_s,
+                "volumes": len(rep.done), "slices": rep.slices, "overhead_s_per_volume": 0.0}
+        rows.append(base)
+        with connect("local"):
+            for n in actors:
+                fresh()
+                t_per = max(1, cores // n)
+                rep = label_ray(ds, cfg(f"ray{n}"), pre, k=k, opts=RayOptions(actors=n, threads=t_per, progress=False))
+                rows.append({"mode": "ray", "actors": n, "threads": t_per, "setup_s": rep.run["setup_s"],
+                             "run_s": rep.run["run_s"], "volumes": len(rep.done), "slices": rep.slices,
+                             "overhead_s_per_volume": rep.run["driver_overhead_s_per_volume"]})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for r in rows:
+        r["volumes_per_s"] = r["volumes"] / r["run_s"] if r["run_s"] > 0 else 0.0
+        r["slices_per_s"] = r["slices"] / r["run_s"] if r["run_s"] > 0 else 0.0
+        r["speedup_vs_single"] = base["run_s"] / r["run_s"] if r["run_s"] > 0 else 0.0
+    return {"env": _env(), "cores": cores, "n_volumes": n_volumes, "shape": list(shape), "k": k,
+            "backend": "rag-sam2 (random weights)" if random_weights else "litemedsam", "rows": rows}
+
+
+def main_scale(n_volumes: int, shape: tuple[int, int, int], actors: tuple[int, ...], random_weights: bool,
+               json_path: str | None) -> int:
+    res = scale_bench(n_volumes, shape, actors, random_weights)
+    print(f"label-all throughput, {res['n_volumes']} volumes {tuple(res['shape'])}, backend {res['backend']}, "
+          f"{res['cores']} cores (same run):")
+    print(f"  {'mode':15s} {'actors':>6s} {'threads':>7s} {'setup s':>8s} {'run s':>7s} {'vol/s':>7s} "
+          f"{'slices/s':>8s} {'vs single':>9s} {'driver s/vol':>12s}")
+    for r in res["rows"]:
+        print(f"  {r['mode']:15s} {r['actors']:6d} {r['threads']:7d} {r['setup_s']:8.1f} {r['run_s']:7.1f} "
+              f"{r['volumes_per_s']:7.3f} {r['slices_per_s']:8.2f} {r['speedup_vs_single']:8.2f}x "
+              f"{r['overhead_s_per_volume']:12.3f}")
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump(res, fh, indent=1)
+    return 0

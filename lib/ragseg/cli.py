@@ -304,6 +304,13 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
     if a.section == "index":
         return main_index(a.slices, a.slice_size, not a.no_memories, a.json)
+    if a.section == "scale":
+        from .bench import main_scale
+
+        if a.quick:
+            return main_scale(3, (48, 44, 8), (1, 2), True, a.json)
+        return main_scale(a.volumes, (a.slice_size, a.slice_size, a.slices), tuple(_ints("--actors", a.actors)),
+                          a.random_weights_for_testing, a.json)
     if a.section == "litemedsam":
         from .bench import main_litemedsam
 
@@ -429,9 +436,11 @@ def build_parser() -> argparse.ArgumentParser:
     ft.set_defaults(func=cmd_finetune)
 
     be = sub.add_parser("bench", help="benchmarks (random weights; prints tables, --json writes them)")
-    be.add_argument("section", nargs="?", default="all", choices=("all", "volume", "retrieval", "index", "litemedsam"),
+    be.add_argument("section", nargs="?", default="all", choices=("all", "volume", "retrieval", "index", "litemedsam", "scale"),
                     help="volume: per-stage time vs naive; retrieval: index scale; index: label save -> indexed; "
-                         "litemedsam: encoder variants and a fine-tuning epoch (real LiteMedSAM weights)")
+                         "litemedsam: encoder variants and a fine-tuning epoch (real LiteMedSAM weights); "
+                         "scale: label-all throughput, single process vs 1, 2, ... Ray actors (LiteMedSAM; "
+                         "--volumes, --slices, --slice-size, --actors)")
     be.add_argument("--slices", type=int, default=100, help="slices in the volume")
     be.add_argument("--slice-size", type=int, default=512, help="in-plane size of the volume")
     be.add_argument("--image-size", type=int, default=512, help="SAM 2 input size")
@@ -441,6 +450,10 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--no-memories", action="store_true", help="index: skip support-memory pre-computation")
     be.add_argument("--quick", action="store_true", help="tiny sizes (CI smoke test)")
     be.add_argument("--json", help="also write the results here")
+    be.add_argument("--volumes", type=int, default=8, help="scale: volumes to label")
+    be.add_argument("--actors", default="1,2", help="scale: Ray actor counts to compare, comma-separated")
+    be.add_argument("--random-weights-for-testing", action="store_true",
+                    help="scale: RAG-SAM 2 with random weights instead of LiteMedSAM")
     be.set_defaults(func=cmd_bench)
     return p
 
