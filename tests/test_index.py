@@ -250,3 +250,37 @@ def test_per_query_exclusion_keeps_the_images_other_slices(tmp_path, rng):
     assert [h.record.slice_index for h in hits[1]][0] != 1
     with pytest.raises(ValueError, match="exclude_per_query"):
         idx.search(vecs[:2], 1, exclude_per_query=[[("ct", 0)]])
+
+
+def test_replace_images_gives_the_ids_of_successive_replace_image_calls(tmp_path, rng):
+    batch = [(f"img{j}", _vecs(rng, 3 + j), _recs(f"img{j}", 3 + j)) for j in range(4)]
+    one = SliceIndex(tmp_path / "one", embedder_id="e", dim=D)
+    for b in batch:
+        one.replace_image(*b)
+    one.replace_image("img1", batch[1][1][:2], batch[1][2][:2])  # a re-save replaces in place
+    many = SliceIndex(tmp_path / "many", embedder_id="e", dim=D)
+    many.replace_images(batch + [("img1", batch[1][1][:2], batch[1][2][:2])])
+    np.testing.assert_array_equal(one.ids(), many.ids())
+    np.testing.assert_array_equal(one.vectors(), many.vectors())
+    assert [(r.image_id, r.slice_index) for r in one.records()] == [(r.image_id, r.slice_index) for r in many.records()]
+
+
+def test_snapshot_pickles_and_searches_like_the_index(tmp_path, rng):
+    import pickle
+
+    from ragseg.errors import RagsegError
+
+    idx = SliceIndex(tmp_path, embedder_id="e", dim=D)
+    for j in range(6):
+        idx.replace_image(f"img{j}", _vecs(rng, 10), _recs(f"img{j}", 10, labels=(1, j % 3 + 1)))
+    q = _vecs(rng, 4)
+    want = idx.search(q, 5, label=2, exclude_images={"img1"})
+    snap = pickle.loads(pickle.dumps(idx.snapshot()))
+    got = snap.search(q, 5, label=2, exclude_images={"img1"})
+    assert [[(h.record.image_id, h.record.slice_index) for h in r] for r in got] == \
+        [[(h.record.image_id, h.record.slice_index) for h in r] for r in want]
+    assert snap.embedder_id == "e" and len(snap) == 60 and snap.images() == idx.images()
+    idx.replace_image("img0", _vecs(rng, 1), _recs("img0", 1))  # the snapshot does not change
+    assert len(snap) == 60 and len(idx) == 51
+    with pytest.raises(RagsegError):
+        snap.replace_image("img9", _vecs(rng, 1), _recs("img9", 1))

@@ -239,3 +239,34 @@ def test_diverse_supports_spread_over_labeled_images():
     assert got == [("a", 1), ("a", 2), ("b", 1), ("c", 4), ("b", 2)]  # at most ceil(5/3) = 2 per image
     one = [hit("ct", z) for z in (5, 9, 2, 7)]  # one labeled image (intra-volume): plain top-k
     assert [h.record.slice_index for h in diverse_top_k(one, 3)] == [5, 9, 2]
+
+
+def test_frozen_support_store_needs_no_files(tmp_path):
+    """What Ray workers get: every support slice in memory, identical to reading the files."""
+    import pickle
+    import shutil
+
+    from ragseg.pipeline import Preprocess, SupportStore, discover_pairs, embed_labeled_volume
+    from ragseg.synthetic import make_dataset
+
+    make_dataset(tmp_path / "ds", n_subjects=2, n_labeled=2, shape=(32, 30, 8))
+    pre = Preprocess()
+
+    class Emb:
+        id, dim = "zeros", 2
+
+        def embed(self, x):
+            return np.zeros((len(x), 2), np.float32)
+
+    recs = [r for it in discover_pairs(tmp_path / "ds", tmp_path / "ds" / "labels" / "final")
+            for r in embed_labeled_volume(it, Emb(), pre)[1]]
+    store = SupportStore(pre)
+    want = {(r.image_id, r.slice_index, v): store.support(r, v).load() for r in recs for v in r.labels}
+    frozen = pickle.loads(pickle.dumps(store.freeze(recs)))
+    shutil.rmtree(tmp_path / "ds")
+    for r in recs:
+        for v in r.labels:
+            img, mask = frozen.support(r, v).load()
+            w_img, w_mask = want[(r.image_id, r.slice_index, v)]
+            assert np.array_equal(img, w_img) and np.array_equal(mask, w_mask) and mask.any()
+            assert frozen.support(r, v).key == store.support(r, v).key

@@ -166,3 +166,25 @@ def test_dicom_series_reads_like_the_nifti(tmp_path, orientation):
 def test_empty_dicom_folder(tmp_path):
     (tmp_path / "series").mkdir()
     _expect(tmp_path / "series", "DICOM folder is empty")
+
+
+def test_sweep_partials_removes_only_dead_writers_debris(tmp_path):
+    """A writer killed by SIGKILL leaves its temp file; the sweep removes it, never a live one's."""
+    import subprocess
+    import sys
+
+    from ragseg.atomic import _partial_prefix, atomic_path, sweep_partials
+
+    script = ("import os, sys; sys.path.insert(0, sys.argv[2]); from ragseg.atomic import atomic_path\n"
+              "with atomic_path(sys.argv[1], suffix='.nii.gz') as tmp:\n"
+              "    open(tmp, 'wb').write(b'half'); os.kill(os.getpid(), 9)\n")
+    lib = str(Path(__file__).resolve().parents[1] / "lib")
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "a.nii.gz"), lib], timeout=60)
+    dead = list(tmp_path.glob(".partial-*"))
+    assert len(dead) == 1 and not (tmp_path / "a.nii.gz").exists()  # the killed writer's debris
+    with atomic_path(tmp_path / "b.nii.gz", suffix=".nii.gz") as live:  # a write in progress here
+        assert Path(live).name.startswith(_partial_prefix())
+        assert sweep_partials(tmp_path) == dead
+        assert Path(live).exists() and not dead[0].exists()
+        Path(live).write_bytes(b"done")
+    assert (tmp_path / "b.nii.gz").read_bytes() == b"done"

@@ -396,8 +396,9 @@ def scale_bench(n_volumes: int = 8, shape: tuple[int, int, int] = (128, 128, 16)
 
     Each Ray configuration uses cores // actors torch threads per actor, so the cores are never
     oversubscribed; the single-process run uses every core. Every run labels the same synthetic
-    datastore from scratch with its own support cache. Setup (index sync, model loading, actor
-    start) is reported apart from the labelling itself.
+    datastore from scratch with its own support cache, on an index built beforehand. Setup (model
+    loading, actor start) is reported apart from the labelling itself, which includes each
+    process's one-off encoding of the support slices.
     """
     import os
     import shutil
@@ -405,7 +406,7 @@ def scale_bench(n_volumes: int = 8, shape: tuple[int, int, int] = (128, 128, 16)
     from pathlib import Path
 
     from .factory import ModelConfig
-    from .label_all import label_local, local_segmenter_factory
+    from .label_all import label_local, local_segmenter_factory, open_pool
     from .pipeline import Preprocess
     from .scale import RayOptions, connect, label_ray
     from .synthetic import make_dataset
@@ -430,6 +431,10 @@ def scale_bench(n_volumes: int = 8, shape: tuple[int, int, int] = (128, 128, 16)
         threads = torch.get_num_threads()
         torch.set_num_threads(cores)
         try:
+            # index the labeled volumes first, with models of their own: every timed run then starts
+            # with the same index and cold model caches (indexing would otherwise have warmed the
+            # single process's LiteMedSAM embeddings of the supports)
+            open_pool(ds, cfg("index"), pre)
             factory = local_segmenter_factory(ds, cfg("single"), pre, k)
             setup = {}
 
