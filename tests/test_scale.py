@@ -267,6 +267,9 @@ def test_index_build_ray_same_ids_and_vectors(cluster, tmp_path, monkeypatch, ca
     err = capsys.readouterr().err
     assert rc == 1 and "failed subject_99" in err, err  # reported, the rest indexed
     assert set(srep.failed) == {"subject_99"}
+    summ = json.loads((tmp_path / "ray" / "build-summary.json").read_text())
+    assert summ["run"]["mode"] == "ray" and summ["run"]["actors"] == 2 and set(summ["failed"]) == {"subject_99"}
+    assert sorted(summ["added"]) == sorted(f"subject_{i:02d}" for i in range(5))
     ray_idx = open_index(tmp_path / "ray", emb, PRE)
     assert len(single) == len(ray_idx) > 0
     np.testing.assert_array_equal(single.ids(), ray_idx.ids())

@@ -10,6 +10,8 @@ import argparse
 import json
 import logging
 import sys
+import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +115,7 @@ def _ray_options(a: argparse.Namespace):
 def cmd_index_build(a: argparse.Namespace) -> int:
     from .pipeline import discover_pairs, open_index, sync_index
 
+    t0 = time.time()
     items = discover_pairs(a.images, a.labels)
     if not items:
         raise RagsegError(f"no image in {a.images} has a label of the same name in {a.labels}")
@@ -129,9 +132,19 @@ def cmd_index_build(a: argparse.Namespace) -> int:
         index = open_index(a.index, emb, _preprocess(a), kind=a.kind)
         rep = sync_index(index, emb, _preprocess(a), items, remove_missing=not a.keep_missing, progress=True)
     print(f"index {a.index}: {len(index)} slices from {len(index.images())} images ({rep})")
+    _write_json(Path(a.summary) if a.summary else Path(a.index) / "build-summary.json",
+                dict(asdict(rep), seconds=round(time.time() - t0, 3), run=rep.run or {"mode": "local"}))
     for k, v in rep.failed.items():
         print(f"  failed {k}: {v}", file=sys.stderr)
     return 1 if rep.failed else 0
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    from .atomic import atomic_write
+
+    with atomic_write(path, "w", suffix=".json") as fh:
+        json.dump(obj, fh, indent=1)
+    print(f"summary: {path}")
 
 
 def _supports_index(a: argparse.Namespace, emb, pre):
@@ -349,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--index", required=True, help="index directory")
     b.add_argument("--kind", default="auto", choices=("auto", "flat", "ivf", "hnsw"))
     b.add_argument("--keep-missing", action="store_true", help="keep indexed images that have no label now")
+    b.add_argument("--summary", default=None, metavar="FILE", help="summary JSON (default: INDEX/build-summary.json)")
     _ray_args(b)
     _model_args(b)
     b.set_defaults(func=cmd_index_build)

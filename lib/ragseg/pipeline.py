@@ -156,10 +156,13 @@ class SyncReport:
     removed: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    retried: dict[str, int] = field(default_factory=dict)  # Ray: resubmissions after a worker died
+    run: dict = field(default_factory=dict)  # how it ran (Ray: actors, threads...)
 
     def __str__(self) -> str:
+        retried = f", {sum(self.retried.values())} retries" if self.retried else ""
         return (f"added {len(self.added)}, updated {len(self.updated)}, removed {len(self.removed)}, "
-                f"unchanged {len(self.unchanged)}, failed {len(self.failed)}")
+                f"unchanged {len(self.unchanged)}, failed {len(self.failed)}{retried}")
 
 
 def index_volume(item: LabeledVolume, embedder: Embedder, pre: Preprocess, stored: dict | None = None

@@ -437,7 +437,8 @@ def label_ray(root: str | Path, model_cfg, pre, *, k: int = defaults.DEFAULT_K, 
     rep.done.sort()
     rep.seconds = time.time() - t0
     run_s = time.time() - t_run
-    rep.run = {"mode": "ray", "address": opts.address, "nodes": len({i["node"] for i in infos}), "actors": actors, "threads_per_actor": threads, "gpus_per_actor": gpus,
+    rep.run = {"mode": "ray", "address": opts.address, "nodes": len({i["node"] for i in infos}), "actors": actors,
+               "threads_per_actor": threads, "gpus_per_actor": gpus,
                "setup_s": round(setup_s, 3), "run_s": round(run_s, 3), "busy_s": round(busy[0], 3),
                "volumes_per_worker": per_worker,
                # submit -> result on the driver, minus the worker's own time: scheduling, transfer, driver
@@ -500,6 +501,9 @@ def sync_index_ray(index_dir: str | Path, model_cfg, pre, items: Sequence, *, ki
         finally:
             pool_.kill()
     rep.failed.update(run.failed)
+    rep.retried = run.retried
+    rep.run = {"mode": "ray", "address": opts.address, "actors": actors, "threads_per_actor": threads,
+               "gpus_per_actor": gpus, "interrupted": run.interrupted}
     flush(force=True)
     if run.interrupted:
         raise KeyboardInterrupt
