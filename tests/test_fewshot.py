@@ -208,9 +208,10 @@ def test_episodes_take_supports_from_other_patients():
 
     class _Decoder:  # prompts are not what this test is about: constant ones
         use_box = False
+        exclusive = False
         adapter = _Adapter()
 
-        def prompt(self, query_emb, support_embs, support_masks):
+        def prompt(self, query_emb, support_embs, support_masks, allowed=None):
             return torch.zeros(16), torch.zeros(16), torch.zeros(1, 4)
 
     n = 12
@@ -234,3 +235,91 @@ def test_episodes_take_supports_from_other_patients():
     eps = make_episodes(_Decoder(), ts, k=11, rng=np.random.default_rng(0))
     e = next(e for e in eps if e.query == 1 and e.label_index == 0)
     assert {0, 2} <= set(e.supports)
+
+
+def _lookalike_pool(n_patients: int = 3, per_patient: int = 2, seed: int = 0):
+    """Embeddings [N, 256, 64, 64] of slices with two structures that look alike (one shared
+    appearance plus a small label-specific part) and lie apart: a small A left of a large B, placed
+    differently in every patient (as two ventricles' blood pools across hearts)."""
+    from ragseg.fewshot import TrainingSet
+
+    g = torch.Generator().manual_seed(seed)
+    u, f, a, b = torch.nn.functional.normalize(torch.randn(4, 256, generator=g), dim=1)
+    n = n_patients * per_patient
+    emb = u[None, :, None, None].repeat(n, 1, 64, 64).clone()
+    gm = torch.zeros(n, 2, 64, 64)
+    for i in range(n):
+        r, c = 16 + 4 * (i % 5), 8 + 3 * (i % 4)
+        gm[i, 0, r:r + 6, c:c + 6] = 1  # A: 6 x 6 cells
+        gm[i, 1, r - 4:r + 12, c + 14:c + 30] = 1  # B: 16 x 16 cells, to the right
+    emb += 0.02 * torch.randn(emb.shape, generator=g)
+    for li, part in ((0, a), (1, b)):
+        m = gm[:, li] > 0
+        emb.permute(0, 2, 3, 1)[m] += (f + 0.5 * part) - u
+    targets = torch.nn.functional.interpolate(gm, scale_factor=4, mode="nearest") > 0.5
+    groups = [f"p{i // per_patient}" for i in range(n)]
+    return TrainingSet({"embed": emb}, gm, targets, [1, 2], groups=groups)
+
+
+def test_exclusive_regions_chosen_on_the_pool_where_structures_look_alike():
+    """Without exclusive regions the small structure's box lands on its larger look-alike; the pool's
+    own cross-patient episodes show it (box IoU), so fine-tuning picks exclusive regions there."""
+    from ragseg.fewshot import LiteMedSamAdapter, PrototypeDecoder, choose_exclusive, make_episodes
+    from ragseg.litemedsam import LiteMedSAM
+    from ragseg.prototypes import exclusive_cells
+
+    ts = _lookalike_pool()
+    dec = PrototypeDecoder(LiteMedSamAdapter(LiteMedSAM.random(seed=0)), location_prior=None)
+    assert dec.exclusive is None  # decided on the pool by finetune
+    choice, iou = choose_exclusive(dec, ts, k=2)
+    print("box IoU on the pool:", iou)
+    assert choice is True and iou["true"] > iou["false"] + 0.2, iou
+    assert dec.exclusive is None  # choosing leaves the decoder as it was
+    # the mechanism: A's box is on A itself only with exclusive regions
+    for ex, on_a in ((False, False), (True, True)):
+        dec.exclusive = ex
+        eps = [e for e in make_episodes(dec, ts, 2, np.random.default_rng(0)) if e.label_index == 0]
+        x0 = np.array([float(e.box[0]) / 4 for e in eps])  # grid column of the box's left edge
+        a_col = np.array([int(torch.nonzero(ts.grid_masks[e.query, 0].any(0))[0]) for e in eps])
+        assert (np.abs(x0 - a_col) <= 1).all() == on_a, (ex, x0, a_col)
+    # each cell goes to the label whose prototype it resembles most; one label: no competition
+    q = ts.feats["embed"][0]
+    fgs = {0: q[:, ts.grid_masks[0, 0] > 0].mean(1), 1: q[:, ts.grid_masks[0, 1] > 0].mean(1)}
+    own = exclusive_cells(q, fgs)
+    assert own[0][ts.grid_masks[0, 0].numpy() > 0].all() and own[1][ts.grid_masks[0, 1].numpy() > 0].all()
+    assert not (own[0] & own[1]).any() and exclusive_cells(q, {0: fgs[0]}) == {}
+    assert choose_exclusive(dec, _one_label(ts)) == (False, {})
+
+
+def _one_label(ts):
+    from ragseg.fewshot import TrainingSet
+
+    return TrainingSet(ts.feats, ts.grid_masks[:, :1], ts.targets[:, :1], ts.labels[:1], groups=ts.groups)
+
+
+def test_engine_uses_exclusive_regions_only_with_a_decoder_trained_on_them(monkeypatch):
+    """The engine gives a fine-tuned decoder the boxes it was trained with: exclusive regions when its
+    manifest says so (two labels with identical supports: the first takes every cell, the second gets
+    no box), the plain coarse regions otherwise and without a decoder."""
+    from ragseg.engine import Support
+    from ragseg.fewshot import LiteMedSamAdapter, PrototypeDecoder
+    from ragseg.litemedsam import LiteMedSAM, LiteMedSamEngine
+
+    lite = LiteMedSAM.random(seed=0)
+    adapter = LiteMedSamAdapter(lite)
+    img = np.full((64, 64), 0.1, np.float32)
+    img[20:44, 16:40] = 0.9
+    mask = np.zeros((64, 64), bool)
+    mask[20:44, 16:40] = True
+    sups = [[[Support("a|1", lambda: (img, mask))]], [[Support("a|2", lambda: (img, mask))]]]
+    for exclusive, items in ((False, 2), (True, 1)):
+        dec = PrototypeDecoder(adapter, location_prior=None, exclusive=exclusive)
+        seen: list[int] = []
+        forward = dec.forward
+
+        def f(feats, fg, bg, boxes=None, forward=forward, seen=seen):
+            seen.append(len(fg))
+            return forward(feats, fg, bg, boxes)
+        monkeypatch.setattr(dec, "forward", f)
+        LiteMedSamEngine(lite, decoder=dec, location_prior=None).segment_queries(img[None], sups)
+        assert sum(seen) == items, (exclusive, seen)

@@ -448,7 +448,8 @@ class Harness:
         t = time.perf_counter()
         eng, tr = self.train_finetuned(case)
         return eng, {"best_metric": tr.best_metric, "epochs": len(tr.history),
-                     "train_s": round(time.perf_counter() - t, 1), "encode_s": tr.encode_s}
+                     "train_s": round(time.perf_counter() - t, 1), "encode_s": tr.encode_s,
+                     "exclusive": bool(eng.decoder.exclusive), "box_iou": tr.box_iou}
 
     def train_finetuned(self, case: Case):
         from .engine import SupportMemoryCache
@@ -692,7 +693,8 @@ def _timing_lines(rows: list[dict], case_info: dict, timing: dict | None) -> lis
     if ft:
         lines.append(f"- fine-tuning: {len(ft)} training(s), {np.mean([f['train_s'] for f in ft]):.1f} s each "
                      f"({ft[0]['epochs']} epochs, embeddings cached), best training Dice "
-                     f"{np.mean([f['best_metric'] for f in ft]):.3f}")
+                     f"{np.mean([f['best_metric'] for f in ft]):.3f}; exclusive regions chosen for "
+                     f"{sum(bool(f.get('exclusive')) for f in ft)} of {len(ft)} pool(s)")
     for name in ("unet", "dynunet"):
         tr = [v[name] for v in case_info.values() if name in v]
         if tr:

@@ -37,7 +37,14 @@ from tqdm import tqdm
 from . import defaults
 from .atomic import atomic_write
 from .errors import RagsegError
-from .prototypes import coarse_regions, location_prior, mask_grid, masked_prototypes, region_box
+from .prototypes import (
+    coarse_regions,
+    exclusive_cells,
+    location_prior,
+    mask_grid,
+    masked_prototypes,
+    region_box,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -140,14 +147,20 @@ class PrototypeDecoder(nn.Module):
         use_box: also give the decoder the training-free box of the query's coarse region.
         location_prior: grid cells around the supports' structure a coarse region may lie in
             (None: anywhere); only used to find boxes.
+        exclusive: box prompts from exclusive regions (a label's region only where its prototype
+            beats the other labels', :func:`ragseg.prototypes.exclusive_cells`), in training and,
+            through the engine, at inference. None: :func:`finetune` decides on the labeled pool
+            (:func:`choose_exclusive`).
     """
 
     def __init__(self, adapter: DecoderAdapter, *, use_box: bool = True,
-                 location_prior: int | None = defaults.LOCATION_PRIOR):
+                 location_prior: int | None = defaults.LOCATION_PRIOR,
+                 exclusive: bool | None = None):
         super().__init__()
         object.__setattr__(self, "adapter", adapter)  # not a submodule: its weights are not ours
         self.use_box = use_box
         self.location_prior = location_prior
+        self.exclusive = exclusive
         self.decoder = copy.deepcopy(adapter.mask_decoder)
         c = adapter.embed_dim
         self.proj = nn.Linear(c, c)  # starts as identity: the untrained model is the paper's zero-shot
@@ -174,11 +187,14 @@ class PrototypeDecoder(nn.Module):
 
     @torch.no_grad()
     def prompt(self, query_emb: torch.Tensor, support_embs: torch.Tensor, support_grid_masks: torch.Tensor,
-               max_regions: int = 1) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]] | None:
+               max_regions: int = 1, allowed: np.ndarray | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]] | None:
         """Prototypes (fg, bg) and boxes (one per coarse region) for one query and label.
 
-        Without ``use_box`` the box list holds one dummy entry. None: no prototype (empty support
-        masks) or, with ``use_box``, no foreground-like region on the query.
+        ``allowed``: [g, g] bool, the cells this label's region may use (see
+        :func:`ragseg.prototypes.exclusive_cells`). Without ``use_box`` the box list holds one dummy
+        entry. None: no prototype (empty support masks) or, with ``use_box``, no foreground-like
+        region on the query.
         """
         protos = masked_prototypes(support_embs, support_grid_masks)
         if protos is None:
@@ -186,6 +202,8 @@ class PrototypeDecoder(nn.Module):
         if not self.use_box:
             return protos[0], protos[1], [torch.zeros(4)]
         prior = location_prior(support_grid_masks, self.location_prior)
+        if allowed is not None:
+            prior = allowed if prior is None else prior & allowed
         regions = coarse_regions(query_emb, *protos, prior, max_regions=max_regions)
         if not regions:
             return None
@@ -197,7 +215,7 @@ class PrototypeDecoder(nn.Module):
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         man = {"format": FORMAT_VERSION, "backbone": self.adapter.backbone_id, "use_box": self.use_box,
-               "location_prior": self.location_prior, **manifest}
+               "location_prior": self.location_prior, "exclusive": self.exclusive, **manifest}
         _atomic_write(d / WEIGHTS, lambda f: torch.save(self.state_dict(), f))
         _atomic_write(d / MANIFEST, lambda f: f.write(json.dumps(man, indent=2, default=str).encode()))
         return d
@@ -217,7 +235,8 @@ class PrototypeDecoder(nn.Module):
         if man.get("backbone") != adapter.backbone_id:
             raise RagsegError(f"{d}: decoder was trained for backbone {man.get('backbone')!r}, "
                               f"not {adapter.backbone_id!r}")
-        dec = cls(adapter, use_box=bool(man["use_box"]), location_prior=man.get("location_prior"))
+        dec = cls(adapter, use_box=bool(man["use_box"]), location_prior=man.get("location_prior"),
+                  exclusive=bool(man.get("exclusive", False)))
         try:
             state = torch.load(d / WEIGHTS, map_location="cpu", weights_only=True)
             dec.load_state_dict(state, strict=True)
@@ -320,17 +339,31 @@ def make_episodes(dec: PrototypeDecoder, ts: TrainingSet, k: int, rng: np.random
     out: list[Episode] = []
     emb = ts.feats["embed"]
     present = ts.grid_masks.sum((2, 3)) > 0  # [N, L]
+    have = [[int(i) for i in torch.nonzero(present[:, li])[:, 0]] for li in range(len(ts.labels))]
+
+    def draw(li: int, q: int) -> list[int] | None:
+        others = [i for i in have[li] if i != q]
+        if ts.groups is not None:
+            foreign = [i for i in others if ts.groups[i] != ts.groups[q]]
+            others = foreign or others
+        return sorted(rng.choice(others, size=min(k, len(others)), replace=False).tolist()) if others else None
+
+    exclusive = bool(dec.exclusive and dec.use_box)
+    drawn: list[dict[int, list[int] | None]] = [{} for _ in range(len(ts))]  # query -> label -> supports
+    owners: list[dict[int, np.ndarray]] = [{} for _ in range(len(ts))]
+    if exclusive:  # as at inference: each label's region only where it beats the others' on the query
+        for li in range(len(ts.labels)):
+            for q in range(len(ts)):
+                drawn[q][li] = draw(li, q)
+        for q, per in enumerate(drawn):
+            protos = {li: masked_prototypes(emb[sup], ts.grid_masks[sup, li]) for li, sup in per.items() if sup}
+            owners[q] = exclusive_cells(emb[q], {li: p[0] for li, p in protos.items() if p is not None})
     for li in range(len(ts.labels)):
-        have = [int(i) for i in torch.nonzero(present[:, li])[:, 0]]
         for q in range(len(ts)):
-            others = [i for i in have if i != q]
-            if ts.groups is not None:
-                foreign = [i for i in others if ts.groups[i] != ts.groups[q]]
-                others = foreign or others
-            if not others:
+            sup = drawn[q][li] if exclusive else draw(li, q)
+            if sup is None:
                 continue
-            sup = sorted(rng.choice(others, size=min(k, len(others)), replace=False).tolist())
-            p = dec.prompt(emb[q], emb[sup], ts.grid_masks[sup, li])
+            p = dec.prompt(emb[q], emb[sup], ts.grid_masks[sup, li], allowed=owners[q].get(li))
             if p is None:
                 continue
             fg, bg, boxes = p
@@ -341,6 +374,58 @@ def make_episodes(dec: PrototypeDecoder, ts: TrainingSet, k: int, rng: np.random
                 box = box.clamp(0, dec.adapter.input_size - 1)
             out.append(Episode(q, li, sup, fg, bg, box))
     return out
+
+
+def box_iou(a: torch.Tensor, b: torch.Tensor) -> float:
+    """IoU of two [x0, y0, x1, y1] boxes (inclusive pixel corners)."""
+    lo, hi = torch.maximum(a[:2], b[:2]), torch.minimum(a[2:], b[2:])
+    inter = float((hi - lo + 1).clamp_min(0).prod())
+    area = float((a[2:] - a[:2] + 1).prod() + (b[2:] - b[:2] + 1).prod())
+    return inter / max(area - inter, 1e-6)
+
+
+def episode_box_iou(dec: PrototypeDecoder, ts: TrainingSet, k: int, seed: int = 0, rounds: int = 2) -> float:
+    """Mean IoU between the training-free box of each episode (supports from other patients, no
+    jitter) and the box of the query's true mask, over episodes whose query has the label.
+
+    Measures, on the labeled pool alone, how good the decoder's box prompts will be: used to decide
+    whether exclusive regions suit a data set (see :func:`choose_exclusive`).
+    """
+    rng = np.random.default_rng(seed)
+    s = ts.targets.shape[-1]
+    scale = dec.adapter.input_size / s
+    ious = []
+    for _ in range(rounds):
+        for e in make_episodes(dec, ts, k, rng):
+            t = ts.targets[e.query, e.label_index]
+            if not t.any():
+                continue
+            rows, cols = torch.nonzero(t, as_tuple=True)
+            gt = torch.tensor([cols.min(), rows.min(), cols.max(), rows.max()], dtype=torch.float32) * scale
+            ious.append(box_iou(e.box, gt))
+    return float(np.mean(ious)) if ious else 0.0
+
+
+def choose_exclusive(dec: PrototypeDecoder, ts: TrainingSet, k: int = defaults.DEFAULT_K, seed: int = 0
+                     ) -> tuple[bool, dict[str, float]]:
+    """Exclusive regions or not for this labeled pool: whichever gives box prompts closer to the
+    true boxes on the pool's own cross-patient episodes. Returns (choice, mean IoU of each).
+
+    Exclusive regions separate structures that look alike but lie apart (the two ventricles'
+    blood pools); they split one organ's adjacent parts (hippocampus head and body) along
+    appearance instead of anatomy. The pool tells which case it is.
+    """
+    if len(ts.labels) < 2 or not dec.use_box:
+        return False, {}
+    was = dec.exclusive
+    try:
+        iou = {}
+        for ex in (False, True):
+            dec.exclusive = ex
+            iou[str(ex).lower()] = episode_box_iou(dec, ts, k, seed)
+    finally:
+        dec.exclusive = was
+    return iou["true"] > iou["false"], iou
 
 
 def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -367,6 +452,7 @@ class TrainResult:
     best_metric: float = 0.0
     best_epoch: int = 0
     encode_s: float = 0.0
+    box_iou: dict[str, float] = field(default_factory=dict)  # exclusive regions or not: pool box IoU of each
 
 
 def _batch_feats(feats: dict[str, torch.Tensor], idx: list[int]) -> dict[str, torch.Tensor]:
@@ -381,15 +467,19 @@ def finetune(dec: PrototypeDecoder, ts: TrainingSet, *, epochs: int = defaults.F
 
     Each epoch draws new support subsets (and box jitter), so the decoder sees varied prototypes;
     with ``max_episodes`` an epoch is a random subset of that many episodes (large pools).
+    A decoder built with ``exclusive=None`` first gets its box rule from :func:`choose_exclusive`.
     The metric is the epoch's mean Dice over episodes whose query carries the label (before each
     step's update); the state with the best metric is kept. ``on_epoch(epoch, stats)`` may return
     True to stop early.
     """
     torch.manual_seed(seed)
+    res = TrainResult(dec, encode_s=ts.encode_s)
+    if dec.exclusive is None:
+        dec.exclusive, res.box_iou = choose_exclusive(dec, ts, k, seed)
+        logger.info("exclusive regions: %s (box IoU on the pool: %s)", dec.exclusive, res.box_iou)
     rng = np.random.default_rng(seed)
     params = [p for p in dec.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    res = TrainResult(dec, encode_s=ts.encode_s)
     best_state = copy.deepcopy(dec.state_dict())
     best = -1.0
     dec.train()

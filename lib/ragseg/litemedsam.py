@@ -269,7 +269,7 @@ class LiteMedSamEngine:
 
         from tqdm import tqdm
 
-        from .prototypes import coarse_regions, location_prior, masked_prototypes, region_box
+        from .prototypes import coarse_regions, exclusive_cells, location_prior, masked_prototypes, region_box
         from .volume import resize_logits
 
         tm = timings if timings is not None else {}
@@ -291,6 +291,7 @@ class LiteMedSamEngine:
             tm["encode"] = tm.get("encode", 0.0) + time.perf_counter() - t
             t = time.perf_counter()
             items: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (label idx, fg, bg, box)
+            found: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # label idx -> fg, bg, grid masks
             for li in range(L):
                 sups = supports[li][qi]
                 if not sups:
@@ -299,14 +300,20 @@ class LiteMedSamEngine:
                 embs = torch.stack([x.embedding for x in se]).float()
                 gm = torch.stack([x.mask for x in se])
                 protos = masked_prototypes(embs, gm)
-                if protos is None:
-                    continue
+                if protos is not None:
+                    found[li] = (protos[0], protos[1], gm)
+            # a fine-tuned decoder trained on exclusive regions' boxes gets them here too
+            exclusive = decoder is not None and getattr(decoder, "exclusive", False)
+            owner = exclusive_cells(q, {li: f[0] for li, f in found.items()}) if exclusive else {}
+            for li, (fg, bg, gm) in found.items():
                 if decoder is not None and not getattr(decoder, "use_box", True):
-                    items.append((li, protos[0], protos[1], torch.zeros(4)))  # prototypes alone
+                    items.append((li, fg, bg, torch.zeros(4)))  # prototypes alone
                     continue
                 prior = location_prior(gm, self.location_prior)
-                for r in coarse_regions(q, *protos, prior, max_regions=self.max_regions):
-                    items.append((li, protos[0], protos[1], region_box(r, IMAGE_SIZE)))
+                if li in owner:
+                    prior = owner[li] if prior is None else prior & owner[li]
+                for r in coarse_regions(q, fg, bg, prior, max_regions=self.max_regions):
+                    items.append((li, fg, bg, region_box(r, IMAGE_SIZE)))
             low = torch.full((L, 1, IMAGE_SIZE, IMAGE_SIZE), -1024.0)
             for s in range(0, len(items), self.decode_batch):
                 part = items[s:s + self.decode_batch]
@@ -316,7 +323,7 @@ class LiteMedSamEngine:
                     lg = self.decode_boxes(emb, boxes)
                 else:
                     lg = decoder({"embed": emb}, torch.stack([it[1] for it in part]),
-                                      torch.stack([it[2] for it in part]), boxes)
+                                 torch.stack([it[2] for it in part]), boxes)
                 for j, it in enumerate(part):  # several regions of one label: union of their masks
                     low[it[0]] = torch.maximum(low[it[0]], lg[j].float().cpu())
             tm["decode"] = tm.get("decode", 0.0) + time.perf_counter() - t

@@ -61,6 +61,18 @@ def similarity_map(query_emb: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor) 
             - torch.einsum("chw,c->hw", q, F.normalize(bg.float(), dim=0)))
 
 
+def exclusive_cells(query_emb: torch.Tensor, fgs: dict[int, torch.Tensor]) -> dict[int, np.ndarray]:
+    """For each label, the grid cells [g, g] where its foreground prototype is the most similar of
+    all labels' (labels are disjoint: a cell that looks more like another structure is not this one's)."""
+    if len(fgs) < 2:
+        return {}
+    q = F.normalize(query_emb.float(), dim=0)
+    keys = list(fgs)
+    cos = torch.stack([torch.einsum("chw,c->hw", q, F.normalize(fgs[k].float(), dim=0)) for k in keys])
+    best = cos.argmax(0).cpu().numpy()
+    return {k: best == i for i, k in enumerate(keys)}
+
+
 def coarse_regions(query_emb: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor, prior: np.ndarray | None = None,
                    *, max_regions: int = 1, min_cells: int = 1) -> list[np.ndarray]:
     """Connected foreground-like regions of the query ([g, g] bool each), largest first.

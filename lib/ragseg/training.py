@@ -26,13 +26,14 @@ logger = logging.getLogger(__name__)
 
 
 def labeled_slices(items: Sequence[LabeledVolume], pre: Preprocess, labels: Sequence[int] | None = None
-                   ) -> tuple[list[np.ndarray], list[np.ndarray], list[int], list[str]]:
-    """Every slice carrying a label: (slices, label slices, labels, identity parts).
+                   ) -> tuple[list[np.ndarray], list[np.ndarray], list[int], list[str], list[str]]:
+    """Every slice carrying a label: (slices, label slices, labels, identity parts, the image id
+    of each slice).
 
     Slices are lists of [H, W] arrays: volumes of a data set may slice to different sizes, which
     :func:`ragseg.fewshot.build_training_set` takes as they are.
     """
-    sl, lb, ident = [], [], []
+    sl, lb, ident, owner = [], [], [], []
     for it in items:
         img = load_image(it.image_path)
         lab = load_label(it.label_path, like=img)
@@ -42,12 +43,13 @@ def labeled_slices(items: Sequence[LabeledVolume], pre: Preprocess, labels: Sequ
             continue
         sl += list(s[keep])
         lb += list(ls[keep])
+        owner += [it.image_id] * len(keep)
         ident.append(f"{file_checksum(it.image_path)}|{file_checksum(it.label_path)}|{pre.id}|"
                      f"{','.join(map(str, keep))}")
     if not sl:
         raise RagsegError("no labeled slice to fine-tune on")
     found = sorted({int(v) for x in lb for v in np.unique(x) if v > 0})
-    return sl, lb, (sorted(labels) if labels is not None else found), ident
+    return sl, lb, (sorted(labels) if labels is not None else found), ident, owner
 
 
 def train_decoder(items: Sequence[LabeledVolume], adapter: DecoderAdapter, pre: Preprocess, out_dir: str | Path, *,
@@ -58,11 +60,12 @@ def train_decoder(items: Sequence[LabeledVolume], adapter: DecoderAdapter, pre: 
                   on_epoch: Callable[[int, dict], bool | None] | None = None) -> TrainResult:
     """Fine-tune a prototype decoder on the labeled slices of ``items`` and save it to ``out_dir``."""
     t0 = time.perf_counter()
-    slices, labs, labels, ident = labeled_slices(items, pre, labels)
+    slices, labs, labels, ident, images = labeled_slices(items, pre, labels)
     missing = [v for v in labels if not any((x == v).any() for x in labs)]
     if missing:
         raise RagsegError(f"labels {missing} have no labeled slice")
-    ts = build_training_set(adapter, slices, labs, labels)
+    # one image = one patient: episodes take supports from other images, as when a new one is segmented
+    ts = build_training_set(adapter, slices, labs, labels, groups=images)
     logger.info("encoded %d labeled slices in %.1f s", len(ts), ts.encode_s)
     dec = PrototypeDecoder(adapter, use_box=use_box)
     res = finetune(dec, ts, epochs=epochs, lr=lr, k=k, seed=seed, max_episodes=max_episodes, progress=progress,
@@ -72,7 +75,7 @@ def train_decoder(items: Sequence[LabeledVolume], adapter: DecoderAdapter, pre: 
         "labels": {names.get(v, f"label_{v}"): v for v in labels},
         "data_checksum": data_checksum(ident), "slices": len(ts), "preprocess": pre.id,
         "epochs": len(res.history), "best_epoch": res.best_epoch, "best_metric": res.best_metric,
-        "lr": lr, "k": k, "seed": seed, "max_episodes": max_episodes, "encode_s": round(ts.encode_s, 2),
+        "box_iou": res.box_iou, "lr": lr, "k": k, "seed": seed, "max_episodes": max_episodes, "encode_s": round(ts.encode_s, 2),
         "train_s": round(time.perf_counter() - t0, 2), "history": res.history, "ragseg_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     })
