@@ -223,7 +223,8 @@ def test_driver_interrupted_then_resumed(cluster, base, reference, tmp_path):
            "--ray", cluster.address, "--actors", "1", "--threads-per-actor", "1", *CLI_MODEL]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_cli_env())
     end = time.time() + 300
-    while time.time() < end and p.poll() is None and not list(orig.glob("*.nii.gz")):
+    # a finished label, not a worker's temp file (.partial-*: pathlib's glob matches dotfiles)
+    while time.time() < end and p.poll() is None and not [q for q in orig.glob("*.nii.gz") if q.name[0] != "."]:
         time.sleep(0.1)
     assert p.poll() is None, p.communicate()[0]
     p.send_signal(signal.SIGINT)
