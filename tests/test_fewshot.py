@@ -77,10 +77,13 @@ def test_finetune_sam2_decoder_lowers_loss_and_raises_heldout_dice(tmp_path):
     assert np.mean(gains) > 0.15, gains  # by a margin (mean measured 0.29-0.51)
 
     # save -> load gives the same decoder; a decoder for another backbone is refused
+    dec.exclusive = [(1, 2)]
     dec.save(tmp_path / "dec", {"labels": {"liver": 1, "spleen": 2}, "data_checksum": "x"})
     man = json.loads((tmp_path / "dec" / "manifest.json").read_text())
     assert man["backbone"] == "t" and man["use_box"] is False and man["labels"] == {"liver": 1, "spleen": 2}
+    assert man["exclusive"] == [[1, 2]]
     dec2, _ = PrototypeDecoder.load(tmp_path / "dec", ad)
+    assert dec2.exclusive == [(1, 2)]
     feats = {k: v[:2] for k, v in ts_te.feats.items()}
     fg, bg = torch.randn(2, 256), torch.randn(2, 256)
     with torch.no_grad():
@@ -237,10 +240,10 @@ def test_episodes_take_supports_from_other_patients():
     assert {0, 2} <= set(e.supports)
 
 
-def _lookalike_pool(n_patients: int = 3, per_patient: int = 2, seed: int = 0):
+def _lookalike_pool(n_patients: int = 3, per_patient: int = 2, seed: int = 0, gap: int = 8):
     """Embeddings [N, 256, 64, 64] of slices with two structures that look alike (one shared
-    appearance plus a small label-specific part) and lie apart: a small A left of a large B, placed
-    differently in every patient (as two ventricles' blood pools across hearts)."""
+    appearance plus a small label-specific part) and lie ``gap`` cells apart: a small A left of a
+    large B, placed differently in every patient (as two ventricles' blood pools across hearts)."""
     from ragseg.fewshot import TrainingSet
 
     g = torch.Generator().manual_seed(seed)
@@ -251,7 +254,7 @@ def _lookalike_pool(n_patients: int = 3, per_patient: int = 2, seed: int = 0):
     for i in range(n):
         r, c = 16 + 4 * (i % 5), 8 + 3 * (i % 4)
         gm[i, 0, r:r + 6, c:c + 6] = 1  # A: 6 x 6 cells
-        gm[i, 1, r - 4:r + 12, c + 14:c + 30] = 1  # B: 16 x 16 cells, to the right
+        gm[i, 1, r - 4:r + 12, c + 6 + gap:c + 22 + gap] = 1  # B: 16 x 16 cells, to the right
     emb += 0.02 * torch.randn(emb.shape, generator=g)
     for li, part in ((0, a), (1, b)):
         m = gm[:, li] > 0
@@ -261,22 +264,28 @@ def _lookalike_pool(n_patients: int = 3, per_patient: int = 2, seed: int = 0):
     return TrainingSet({"embed": emb}, gm, targets, [1, 2], groups=groups)
 
 
-def test_exclusive_regions_chosen_on_the_pool_where_structures_look_alike():
-    """Without exclusive regions the small structure's box lands on its larger look-alike; the pool's
-    own cross-patient episodes show it (box IoU), so fine-tuning picks exclusive regions there."""
-    from ragseg.fewshot import LiteMedSamAdapter, PrototypeDecoder, choose_exclusive, make_episodes
+def test_exclusive_regions_for_structures_that_look_alike_and_lie_apart():
+    """Without exclusive regions the small structure's box lands on its larger look-alike; the two
+    lie apart in every labeled slice, so fine-tuning makes them compete. Touching structures (one
+    organ's parts) keep their plain regions."""
+    from ragseg.fewshot import (
+        LiteMedSamAdapter,
+        PrototypeDecoder,
+        choose_exclusive,
+        competing_pairs,
+        make_episodes,
+    )
     from ragseg.litemedsam import LiteMedSAM
     from ragseg.prototypes import exclusive_cells
 
     ts = _lookalike_pool()
     dec = PrototypeDecoder(LiteMedSamAdapter(LiteMedSAM.random(seed=0)), location_prior=None)
     assert dec.exclusive is None  # decided on the pool by finetune
-    choice, iou = choose_exclusive(dec, ts, k=2)
-    print("box IoU on the pool:", iou)
-    assert choice is True and iou["true"] > iou["false"] + 0.2, iou
-    assert dec.exclusive is None  # choosing leaves the decoder as it was
-    # the mechanism: A's box is on A itself only with exclusive regions
-    for ex, on_a in ((False, False), (True, True)):
+    assert choose_exclusive(ts) == [(1, 2)]
+    assert choose_exclusive(_lookalike_pool(gap=0)) == []  # B right next to A: they touch
+    assert choose_exclusive(_one_label(ts)) == []
+    # the mechanism: A's box is on A itself only with exclusive regions (every pair, or the listed one)
+    for ex, on_a in ((False, False), (True, True), ([(1, 2)], True), ([(1, 3)], False)):
         dec.exclusive = ex
         eps = [e for e in make_episodes(dec, ts, 2, np.random.default_rng(0)) if e.label_index == 0]
         x0 = np.array([float(e.box[0]) / 4 for e in eps])  # grid column of the box's left edge
@@ -288,7 +297,29 @@ def test_exclusive_regions_chosen_on_the_pool_where_structures_look_alike():
     own = exclusive_cells(q, fgs)
     assert own[0][ts.grid_masks[0, 0].numpy() > 0].all() and own[1][ts.grid_masks[0, 1].numpy() > 0].all()
     assert not (own[0] & own[1]).any() and exclusive_cells(q, {0: fgs[0]}) == {}
-    assert choose_exclusive(dec, _one_label(ts)) == (False, {})
+    # only listed pairs compete; a label without a rival is not restricted
+    fgs[2] = fgs[1]
+    own = exclusive_cells(q, fgs, {frozenset((0, 1))})
+    assert set(own) == {0, 1} and not (own[0] & own[1]).any()
+    assert competing_pairs([(1, 3)], [1, 2, 3]) == {frozenset((0, 2))}
+    assert competing_pairs(True, [5, 6, 7]) == {frozenset(p) for p in ((0, 1), (0, 2), (1, 2))}
+    assert competing_pairs(False, [1, 2]) == set() == competing_pairs([(1, 2)], [1, 3])
+
+
+def test_apart_pairs_from_label_layout():
+    """Pairs touching in at most the given fraction of the slices that carry both lie apart."""
+    from ragseg.prototypes import apart_pairs
+
+    lab = np.zeros((10, 20, 20), np.int64)
+    lab[:, 2:6, 2:6] = 1
+    lab[:, 2:6, 10:14] = 3  # 1 and 3: 4 pixels apart
+    lab[:5, 6:9, 2:14] = 2  # 2 borders both in half the slices ...
+    lab[5:, 12:15, 2:14] = 2  # ... and lies apart from them in the other half
+    assert apart_pairs(lab, [1, 2, 3]) == [(1, 3)]
+    assert apart_pairs(lab, [1, 2, 3], fraction=0.5) == [(1, 2), (1, 3), (2, 3)]
+    lab[0, 2:6, 6:10] = 1  # 1 reaches 3 in one slice in ten: still apart at 0.1, not at 0.0
+    assert apart_pairs(lab, [1, 2, 3]) == [(1, 3)] and apart_pairs(lab, [1, 2, 3], fraction=0.0) == []
+    assert apart_pairs(lab, [1, 4]) == []  # never together: nothing to say
 
 
 def _one_label(ts):
@@ -300,7 +331,7 @@ def _one_label(ts):
 def test_engine_uses_exclusive_regions_only_with_a_decoder_trained_on_them(monkeypatch):
     """The engine gives a fine-tuned decoder the boxes it was trained with: exclusive regions when its
     manifest says so (two labels with identical supports: the first takes every cell, the second gets
-    no box), the plain coarse regions otherwise and without a decoder."""
+    no box), for every pair or for the listed label pairs; the plain coarse regions otherwise."""
     from ragseg.engine import Support
     from ragseg.fewshot import LiteMedSamAdapter, PrototypeDecoder
     from ragseg.litemedsam import LiteMedSAM, LiteMedSamEngine
@@ -312,7 +343,8 @@ def test_engine_uses_exclusive_regions_only_with_a_decoder_trained_on_them(monke
     mask = np.zeros((64, 64), bool)
     mask[20:44, 16:40] = True
     sups = [[[Support("a|1", lambda: (img, mask))]], [[Support("a|2", lambda: (img, mask))]]]
-    for exclusive, items in ((False, 2), (True, 1)):
+    for exclusive, items, labels in ((False, 2, None), (True, 1, None), ([(1, 2)], 1, [1, 2]), ([(1, 3)], 2, [1, 2]),
+                                     ([(1, 2)], 2, None)):  # listed pairs need the channels' label values
         dec = PrototypeDecoder(adapter, location_prior=None, exclusive=exclusive)
         seen: list[int] = []
         forward = dec.forward
@@ -321,5 +353,5 @@ def test_engine_uses_exclusive_regions_only_with_a_decoder_trained_on_them(monke
             seen.append(len(fg))
             return forward(feats, fg, bg, boxes)
         monkeypatch.setattr(dec, "forward", f)
-        LiteMedSamEngine(lite, decoder=dec, location_prior=None).segment_queries(img[None], sups)
+        LiteMedSamEngine(lite, decoder=dec, location_prior=None).segment_queries(img[None], sups, labels=labels)
         assert sum(seen) == items, (exclusive, seen)

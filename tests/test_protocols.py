@@ -54,6 +54,8 @@ def test_cross_patient_learning_curve_on_acdc(tmp_path):
     # one training per pool, reused for every query of that pool
     ft = {json.dumps(c["finetune"], sort_keys=True) for c in pools.values() if c["n_support"] == 2}
     assert len(ft) == 1
+    # the ventricles lie apart in every pool (their regions compete); the myocardium borders both
+    assert {json.dumps(c["finetune"]["exclusive"]) for c in pools.values()} == {"[[1, 3]]"}
     # a re-run reads every embedding from the feature cache instead of encoding
     out2 = tmp_path / "again"
     _evaluate(tmp_path, str(ACDC), "--label-suffix", "_gt", "--subjects", ACDC_4, "--classes", "RV=1,MYO=2,LV=3",

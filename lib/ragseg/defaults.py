@@ -56,6 +56,7 @@ MEMORY_CACHE_ITEMS = 512  # support memories kept in RAM (about 130 KB each at 5
 FEATURE_CACHE_BYTES = 1 << 30  # query-slice encoder features kept across requests (~4 MB/slice at 512)
 
 # --- LiteMedSAM backend and prototype prompts ------------------------------------------------------
+APART_FRACTION = 0.1  # labels touching in at most this fraction of the slices with both lie "apart"
 LOCATION_PRIOR = 2  # embedding cells a query region may lie from the supports' structure (None: off)
 MAX_REGIONS = 1  # coarse regions prompted per label and slice (one box each); more for lesions
 LITEMEDSAM_POOL = 4  # retrieval embedding = LiteMedSAM embedding average-pooled to this grid

@@ -426,7 +426,8 @@ class RagSam2Engine:
 
     @torch.inference_mode()
     def segment_queries(self, queries: np.ndarray, supports: Sequence[Sequence[Sequence[Support]]], *,
-                        timings: dict[str, float] | None = None, progress: bool = False) -> torch.Tensor:
+                        timings: dict[str, float] | None = None, progress: bool = False,
+                        labels: Sequence[int] | None = None) -> torch.Tensor:
         """The engine interface the pipeline calls: logits for every (query slice, label).
 
         Args:
@@ -434,6 +435,7 @@ class RagSam2Engine:
             supports: ``supports[l][i]``: supports of label l for query i, most similar last (an
                 empty list: nothing to condition on, the label stays absent on that slice).
             timings: seconds added under 'supports', 'encode', 'decode', 'write'.
+            labels: the label value of each of the L channels (not needed by this engine).
 
         Returns:
             float16 logits [n, L, H, W] (-1024 where a label had no support).

@@ -413,7 +413,7 @@ class Harness:
         if how == "retrieved":
             return self.predict_served(engine, case, k)
         q = case.query.slices[case.query_slices]
-        return self._to_labels(engine.segment_queries(q, self.random_supports(case, k)))
+        return self._to_labels(engine.segment_queries(q, self.random_supports(case, k), labels=self.labels))
 
     def predict_gt_box(self, case: Case) -> np.ndarray:
         from scipy import ndimage
@@ -449,7 +449,7 @@ class Harness:
         eng, tr = self.train_finetuned(case)
         return eng, {"best_metric": tr.best_metric, "epochs": len(tr.history),
                      "train_s": round(time.perf_counter() - t, 1), "encode_s": tr.encode_s,
-                     "exclusive": bool(eng.decoder.exclusive), "box_iou": tr.box_iou}
+                     "exclusive": eng.decoder.exclusive}
 
     def train_finetuned(self, case: Case):
         from .engine import SupportMemoryCache
@@ -693,8 +693,9 @@ def _timing_lines(rows: list[dict], case_info: dict, timing: dict | None) -> lis
     if ft:
         lines.append(f"- fine-tuning: {len(ft)} training(s), {np.mean([f['train_s'] for f in ft]):.1f} s each "
                      f"({ft[0]['epochs']} epochs, embeddings cached), best training Dice "
-                     f"{np.mean([f['best_metric'] for f in ft]):.3f}; exclusive regions chosen for "
-                     f"{sum(bool(f.get('exclusive')) for f in ft)} of {len(ft)} pool(s)")
+                     f"{np.mean([f['best_metric'] for f in ft]):.3f}; exclusive regions (label pairs lying "
+                     f"apart) in {sum(bool(f.get('exclusive')) for f in ft)} of {len(ft)} pool(s): "
+                     f"{', '.join(sorted({json.dumps(f.get('exclusive')) for f in ft}))}")
     for name in ("unet", "dynunet"):
         tr = [v[name] for v in case_info.values() if name in v]
         if tr:

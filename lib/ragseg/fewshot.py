@@ -38,6 +38,7 @@ from . import defaults
 from .atomic import atomic_write
 from .errors import RagsegError
 from .prototypes import (
+    apart_pairs,
     coarse_regions,
     exclusive_cells,
     location_prior,
@@ -148,14 +149,15 @@ class PrototypeDecoder(nn.Module):
         location_prior: grid cells around the supports' structure a coarse region may lie in
             (None: anywhere); only used to find boxes.
         exclusive: box prompts from exclusive regions (a label's region only where its prototype
-            beats the other labels', :func:`ragseg.prototypes.exclusive_cells`), in training and,
-            through the engine, at inference. None: :func:`finetune` decides on the labeled pool
-            (:func:`choose_exclusive`).
+            beats its competitors', :func:`ragseg.prototypes.exclusive_cells`), in training and,
+            through the engine, at inference: a list of competing label-value pairs, True (every
+            pair) or False (none). None: :func:`finetune` takes the pairs that lie apart in the
+            labeled pool (:func:`ragseg.prototypes.apart_pairs`).
     """
 
     def __init__(self, adapter: DecoderAdapter, *, use_box: bool = True,
                  location_prior: int | None = defaults.LOCATION_PRIOR,
-                 exclusive: bool | None = None):
+                 exclusive: bool | list[tuple[int, int]] | None = None):
         super().__init__()
         object.__setattr__(self, "adapter", adapter)  # not a submodule: its weights are not ours
         self.use_box = use_box
@@ -235,8 +237,9 @@ class PrototypeDecoder(nn.Module):
         if man.get("backbone") != adapter.backbone_id:
             raise RagsegError(f"{d}: decoder was trained for backbone {man.get('backbone')!r}, "
                               f"not {adapter.backbone_id!r}")
-        dec = cls(adapter, use_box=bool(man["use_box"]), location_prior=man.get("location_prior"),
-                  exclusive=bool(man.get("exclusive", False)))
+        ex = man.get("exclusive", False)
+        ex = [tuple(int(v) for v in p) for p in ex] if isinstance(ex, list) else bool(ex)
+        dec = cls(adapter, use_box=bool(man["use_box"]), location_prior=man.get("location_prior"), exclusive=ex)
         try:
             state = torch.load(d / WEIGHTS, map_location="cpu", weights_only=True)
             dec.load_state_dict(state, strict=True)
@@ -348,7 +351,8 @@ def make_episodes(dec: PrototypeDecoder, ts: TrainingSet, k: int, rng: np.random
             others = foreign or others
         return sorted(rng.choice(others, size=min(k, len(others)), replace=False).tolist()) if others else None
 
-    exclusive = bool(dec.exclusive and dec.use_box)
+    pairs = competing_pairs(dec.exclusive, ts.labels) if dec.use_box else set()
+    exclusive = bool(pairs)
     drawn: list[dict[int, list[int] | None]] = [{} for _ in range(len(ts))]  # query -> label -> supports
     owners: list[dict[int, np.ndarray]] = [{} for _ in range(len(ts))]
     if exclusive:  # as at inference: each label's region only where it beats the others' on the query
@@ -357,7 +361,7 @@ def make_episodes(dec: PrototypeDecoder, ts: TrainingSet, k: int, rng: np.random
                 drawn[q][li] = draw(li, q)
         for q, per in enumerate(drawn):
             protos = {li: masked_prototypes(emb[sup], ts.grid_masks[sup, li]) for li, sup in per.items() if sup}
-            owners[q] = exclusive_cells(emb[q], {li: p[0] for li, p in protos.items() if p is not None})
+            owners[q] = exclusive_cells(emb[q], {li: p[0] for li, p in protos.items() if p is not None}, pairs)
     for li in range(len(ts.labels)):
         for q in range(len(ts)):
             sup = drawn[q][li] if exclusive else draw(li, q)
@@ -376,56 +380,26 @@ def make_episodes(dec: PrototypeDecoder, ts: TrainingSet, k: int, rng: np.random
     return out
 
 
-def box_iou(a: torch.Tensor, b: torch.Tensor) -> float:
-    """IoU of two [x0, y0, x1, y1] boxes (inclusive pixel corners)."""
-    lo, hi = torch.maximum(a[:2], b[:2]), torch.minimum(a[2:], b[2:])
-    inter = float((hi - lo + 1).clamp_min(0).prod())
-    area = float((a[2:] - a[:2] + 1).prod() + (b[2:] - b[:2] + 1).prod())
-    return inter / max(area - inter, 1e-6)
+def competing_pairs(exclusive: bool | Sequence[Sequence[int]] | None, values: Sequence[int]) -> set[frozenset[int]]:
+    """Positions in ``values`` whose regions compete under a decoder's ``exclusive`` setting: every
+    pair (True), none (False, None, empty), or those whose label values form a listed pair."""
+    n = len(values)
+    every = {frozenset((i, j)) for i in range(n) for j in range(i + 1, n)}
+    if exclusive is True:
+        return every
+    if not exclusive:
+        return set()
+    want = {frozenset(int(v) for v in p) for p in exclusive}
+    return {p for p in every if frozenset(int(values[i]) for i in p) in want}
 
 
-def episode_box_iou(dec: PrototypeDecoder, ts: TrainingSet, k: int, seed: int = 0, rounds: int = 2) -> float:
-    """Mean IoU between the training-free box of each episode (supports from other patients, no
-    jitter) and the box of the query's true mask, over episodes whose query has the label.
-
-    Measures, on the labeled pool alone, how good the decoder's box prompts will be: used to decide
-    whether exclusive regions suit a data set (see :func:`choose_exclusive`).
-    """
-    rng = np.random.default_rng(seed)
-    s = ts.targets.shape[-1]
-    scale = dec.adapter.input_size / s
-    ious = []
-    for _ in range(rounds):
-        for e in make_episodes(dec, ts, k, rng):
-            t = ts.targets[e.query, e.label_index]
-            if not t.any():
-                continue
-            rows, cols = torch.nonzero(t, as_tuple=True)
-            gt = torch.tensor([cols.min(), rows.min(), cols.max(), rows.max()], dtype=torch.float32) * scale
-            ious.append(box_iou(e.box, gt))
-    return float(np.mean(ious)) if ious else 0.0
-
-
-def choose_exclusive(dec: PrototypeDecoder, ts: TrainingSet, k: int = defaults.DEFAULT_K, seed: int = 0
-                     ) -> tuple[bool, dict[str, float]]:
-    """Exclusive regions or not for this labeled pool: whichever gives box prompts closer to the
-    true boxes on the pool's own cross-patient episodes. Returns (choice, mean IoU of each).
-
-    Exclusive regions separate structures that look alike but lie apart (the two ventricles'
-    blood pools); they split one organ's adjacent parts (hippocampus head and body) along
-    appearance instead of anatomy. The pool tells which case it is.
-    """
-    if len(ts.labels) < 2 or not dec.use_box:
-        return False, {}
-    was = dec.exclusive
-    try:
-        iou = {}
-        for ex in (False, True):
-            dec.exclusive = ex
-            iou[str(ex).lower()] = episode_box_iou(dec, ts, k, seed)
-    finally:
-        dec.exclusive = was
-    return iou["true"] > iou["false"], iou
+def choose_exclusive(ts: TrainingSet, fraction: float = defaults.APART_FRACTION) -> list[tuple[int, int]]:
+    """The label pairs whose regions compete for this labeled pool: those that lie apart in its
+    label maps (:func:`ragseg.prototypes.apart_pairs`, on the decoder-size targets)."""
+    if len(ts.labels) < 2:
+        return []
+    maps = (ts.targets.long() * torch.tensor(ts.labels)[None, :, None, None]).sum(1)  # labels are disjoint
+    return apart_pairs(maps.numpy(), list(ts.labels), fraction)
 
 
 def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -452,7 +426,6 @@ class TrainResult:
     best_metric: float = 0.0
     best_epoch: int = 0
     encode_s: float = 0.0
-    box_iou: dict[str, float] = field(default_factory=dict)  # exclusive regions or not: pool box IoU of each
 
 
 def _batch_feats(feats: dict[str, torch.Tensor], idx: list[int]) -> dict[str, torch.Tensor]:
@@ -467,7 +440,8 @@ def finetune(dec: PrototypeDecoder, ts: TrainingSet, *, epochs: int = defaults.F
 
     Each epoch draws new support subsets (and box jitter), so the decoder sees varied prototypes;
     with ``max_episodes`` an epoch is a random subset of that many episodes (large pools).
-    A decoder built with ``exclusive=None`` first gets its box rule from :func:`choose_exclusive`.
+    A decoder built with ``exclusive=None`` first gets its competing label pairs from
+    :func:`choose_exclusive`.
     The metric is the epoch's mean Dice over episodes whose query carries the label (before each
     step's update); the state with the best metric is kept. ``on_epoch(epoch, stats)`` may return
     True to stop early.
@@ -475,8 +449,8 @@ def finetune(dec: PrototypeDecoder, ts: TrainingSet, *, epochs: int = defaults.F
     torch.manual_seed(seed)
     res = TrainResult(dec, encode_s=ts.encode_s)
     if dec.exclusive is None:
-        dec.exclusive, res.box_iou = choose_exclusive(dec, ts, k, seed)
-        logger.info("exclusive regions: %s (box IoU on the pool: %s)", dec.exclusive, res.box_iou)
+        dec.exclusive = choose_exclusive(ts)
+        logger.info("exclusive regions for label pairs lying apart in the pool: %s", dec.exclusive or "none")
     rng = np.random.default_rng(seed)
     params = [p for p in dec.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)

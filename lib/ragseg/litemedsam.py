@@ -263,12 +263,18 @@ class LiteMedSamEngine:
 
     @torch.inference_mode()
     def segment_queries(self, queries: np.ndarray, supports: Sequence[Sequence[Sequence[Support]]], *,
-                        timings: dict[str, float] | None = None, progress: bool = False) -> torch.Tensor:
-        """See :class:`ragseg.pipeline.SegmentationEngine`: float16 logits [n, L, H, W]."""
+                        timings: dict[str, float] | None = None, progress: bool = False,
+                        labels: Sequence[int] | None = None) -> torch.Tensor:
+        """See :class:`ragseg.pipeline.SegmentationEngine`: float16 logits [n, L, H, W].
+
+        ``labels`` (the value of each channel) name the label pairs of a fine-tuned decoder whose
+        regions compete (its ``exclusive`` list); without them only ``exclusive=True`` applies.
+        """
         import time
 
         from tqdm import tqdm
 
+        from .fewshot import competing_pairs
         from .prototypes import coarse_regions, exclusive_cells, location_prior, masked_prototypes, region_box
         from .volume import resize_logits
 
@@ -303,8 +309,10 @@ class LiteMedSamEngine:
                 if protos is not None:
                     found[li] = (protos[0], protos[1], gm)
             # a fine-tuned decoder trained on exclusive regions' boxes gets them here too
-            exclusive = decoder is not None and getattr(decoder, "exclusive", False)
-            owner = exclusive_cells(q, {li: f[0] for li, f in found.items()}) if exclusive else {}
+            ex = getattr(decoder, "exclusive", False) if decoder is not None else False
+            pairs = competing_pairs(ex if labels is not None or ex is True else False,
+                                    list(labels) if labels is not None else list(range(L)))
+            owner = exclusive_cells(q, {li: f[0] for li, f in found.items()}, pairs) if pairs else {}
             for li, (fg, bg, gm) in found.items():
                 if decoder is not None and not getattr(decoder, "use_box", True):
                     items.append((li, fg, bg, torch.zeros(4)))  # prototypes alone

@@ -226,8 +226,10 @@ class SegmentationEngine(Protocol):
     model_id: str
 
     def segment_queries(self, queries: np.ndarray, supports: Sequence[Sequence[Sequence[Support]]], *,
-                        timings: dict[str, float] | None = None, progress: bool = False) -> torch.Tensor:
-        """[n, H, W] query slices, ``supports[l][i]`` (most similar last) -> float16 logits [n, L, H, W]."""
+                        timings: dict[str, float] | None = None, progress: bool = False,
+                        labels: Sequence[int] | None = None) -> torch.Tensor:
+        """[n, H, W] query slices, ``supports[l][i]`` (most similar last) -> float16 logits [n, L, H, W];
+        ``labels``: the label value of each of the L channels (an engine with label-specific parts)."""
         ...
 
     def warm_supports(self, supports: Sequence[Support]) -> int:
@@ -550,7 +552,7 @@ class Segmenter:
             logits = self._propagate(q, [s[0] for s in sups], (H, W), tm)
             tm["decode"] = time.perf_counter() - t - tm["supports"]
         else:
-            logits = self.engine.segment_queries(q, sups, timings=tm, progress=progress)
+            logits = self.engine.segment_queries(q, sups, timings=tm, progress=progress, labels=active)
         t = time.perf_counter()
         res.active = active
         res.labels = logits_to_labels(logits, active)

@@ -61,16 +61,56 @@ def similarity_map(query_emb: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor) 
             - torch.einsum("chw,c->hw", q, F.normalize(bg.float(), dim=0)))
 
 
-def exclusive_cells(query_emb: torch.Tensor, fgs: dict[int, torch.Tensor]) -> dict[int, np.ndarray]:
-    """For each label, the grid cells [g, g] where its foreground prototype is the most similar of
-    all labels' (labels are disjoint: a cell that looks more like another structure is not this one's)."""
-    if len(fgs) < 2:
+def exclusive_cells(query_emb: torch.Tensor, fgs: dict[int, torch.Tensor],
+                    pairs: set[frozenset[int]] | None = None) -> dict[int, np.ndarray]:
+    """For each label that competes, the grid cells [g, g] where its foreground prototype is more
+    similar than every competitor's (labels are disjoint: a cell that looks more like another
+    structure is not this one's).
+
+    ``pairs``: the label pairs that compete (keys of ``fgs``); None: every pair. Labels without a
+    competitor are left out (no restriction). Ties go to the first label in ``fgs``' order.
+    """
+    keys = list(fgs)
+    rivals = {a: [b for b in keys if b != a and (pairs is None or frozenset((a, b)) in pairs)] for a in keys}
+    if not any(rivals.values()):
         return {}
     q = F.normalize(query_emb.float(), dim=0)
-    keys = list(fgs)
-    cos = torch.stack([torch.einsum("chw,c->hw", q, F.normalize(fgs[k].float(), dim=0)) for k in keys])
-    best = cos.argmax(0).cpu().numpy()
-    return {k: best == i for i, k in enumerate(keys)}
+    cos = {k: torch.einsum("chw,c->hw", q, F.normalize(fgs[k].float(), dim=0)) for k in keys}
+    out = {}
+    for i, a in enumerate(keys):
+        if not rivals[a]:
+            continue
+        own = torch.ones_like(cos[a], dtype=torch.bool)
+        for b in rivals[a]:
+            own &= cos[a] > cos[b] if keys.index(b) < i else cos[a] >= cos[b]
+        out[a] = own.cpu().numpy()
+    return out
+
+
+def apart_pairs(label_maps: torch.Tensor | np.ndarray, values: list[int],
+                fraction: float = defaults.APART_FRACTION) -> list[tuple[int, int]]:
+    """Label pairs that lie apart in labeled slices: of the slices carrying both, at most
+    ``fraction`` have them touching (8-neighbourhood). ``label_maps``: [N, H, W] label values.
+
+    Such structures can look alike yet never share a region (the two ventricles' blood pools),
+    so their coarse regions may compete (:func:`exclusive_cells`); touching parts (a ring around
+    a cavity, an organ's head and body) share a border that appearance does not draw.
+    """
+    from scipy import ndimage
+
+    lab = np.asarray(label_maps)
+    out = []
+    for i, a in enumerate(values):
+        for b in values[i + 1:]:
+            both = touch = 0
+            for sl in lab:
+                A, B = sl == a, sl == b
+                if A.any() and B.any():
+                    both += 1
+                    touch += bool((ndimage.binary_dilation(A, structure=np.ones((3, 3))) & B).any())
+            if both and touch <= fraction * both:
+                out.append((int(a), int(b)))
+    return out
 
 
 def coarse_regions(query_emb: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor, prior: np.ndarray | None = None,
