@@ -188,17 +188,20 @@ class PrototypeDecoder(nn.Module):
         return self.adapter.decode(self.decoder, feats, self.tokens(fg, bg, boxes))
 
     @torch.no_grad()
-    def prompt(self, query_emb: torch.Tensor, support_embs: torch.Tensor, support_grid_masks: torch.Tensor,
-               max_regions: int = 1, allowed: np.ndarray | None = None
+    def prompt(self, query_emb: torch.Tensor, support_embs: torch.Tensor | None, support_grid_masks: torch.Tensor,
+               max_regions: int = 1, allowed: np.ndarray | None = None,
+               protos: tuple[torch.Tensor, torch.Tensor] | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]] | None:
         """Prototypes (fg, bg) and boxes (one per coarse region) for one query and label.
 
         ``allowed``: [g, g] bool, the cells this label's region may use (see
-        :func:`ragseg.prototypes.exclusive_cells`). Without ``use_box`` the box list holds one dummy
-        entry. None: no prototype (empty support masks) or, with ``use_box``, no foreground-like
-        region on the query.
+        :func:`ragseg.prototypes.exclusive_cells`). ``protos``: the supports' (fg, bg) prototypes when
+        already computed (``support_embs`` is then not read). Without ``use_box`` the box list holds
+        one dummy entry. None: no prototype (empty support masks) or, with ``use_box``, no
+        foreground-like region on the query.
         """
-        protos = masked_prototypes(support_embs, support_grid_masks)
+        if protos is None:
+            protos = masked_prototypes(support_embs, support_grid_masks)
         if protos is None:
             return None
         if not self.use_box:
@@ -353,6 +356,22 @@ def make_episodes(dec: PrototypeDecoder, ts: TrainingSet, k: int, rng: np.random
 
     pairs = competing_pairs(dec.exclusive, ts.labels) if dec.use_box else set()
     exclusive = bool(pairs)
+    if exclusive:
+        # masked sums per slice and label, once: a support set's prototypes are then sums of rows,
+        # with no [k, C, g, g] copy per (query, label) (with two such passes per episode, the copies
+        # fragmented the heap to 24 GB resident on a 168-slice pool)
+        gm = ts.grid_masks.float()
+        fg_sum = torch.einsum("nchw,nlhw->nlc", emb.float(), gm)  # [N, L, C]
+        all_sum = emb.float().sum((2, 3))  # [N, C]
+        fg_w = gm.sum((2, 3))  # [N, L]
+        cells = gm.shape[-1] * gm.shape[-2]
+
+    def prototypes(sup: list[int], li: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        w = fg_w[sup, li].sum()
+        if float(w) <= 0:
+            return None
+        f = fg_sum[sup, li].sum(0)
+        return f / w, (all_sum[sup].sum(0) - f) / (len(sup) * cells - w).clamp_min(1e-6)
     drawn: list[dict[int, list[int] | None]] = [{} for _ in range(len(ts))]  # query -> label -> supports
     owners: list[dict[int, np.ndarray]] = [{} for _ in range(len(ts))]
     if exclusive:  # as at inference: each label's region only where it beats the others' on the query
@@ -360,14 +379,18 @@ def make_episodes(dec: PrototypeDecoder, ts: TrainingSet, k: int, rng: np.random
             for q in range(len(ts)):
                 drawn[q][li] = draw(li, q)
         for q, per in enumerate(drawn):
-            protos = {li: masked_prototypes(emb[sup], ts.grid_masks[sup, li]) for li, sup in per.items() if sup}
+            protos = {li: prototypes(sup, li) for li, sup in per.items() if sup}
             owners[q] = exclusive_cells(emb[q], {li: p[0] for li, p in protos.items() if p is not None}, pairs)
     for li in range(len(ts.labels)):
         for q in range(len(ts)):
             sup = drawn[q][li] if exclusive else draw(li, q)
             if sup is None:
                 continue
-            p = dec.prompt(emb[q], emb[sup], ts.grid_masks[sup, li], allowed=owners[q].get(li))
+            if exclusive:
+                pr = prototypes(sup, li)  # supports carry the label: never None
+                p = dec.prompt(emb[q], None, ts.grid_masks[sup, li], allowed=owners[q].get(li), protos=pr) if pr else None
+            else:
+                p = dec.prompt(emb[q], emb[sup], ts.grid_masks[sup, li])
             if p is None:
                 continue
             fg, bg, boxes = p
