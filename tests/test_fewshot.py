@@ -291,6 +291,13 @@ def test_exclusive_regions_for_structures_that_look_alike_and_lie_apart():
         x0 = np.array([float(e.box[0]) / 4 for e in eps])  # grid column of the box's left edge
         a_col = np.array([int(torch.nonzero(ts.grid_masks[e.query, 0].any(0))[0]) for e in eps])
         assert (np.abs(x0 - a_col) <= 1).all() == on_a, (ex, x0, a_col)
+    # exclusive episodes sum per-slice masked sums: the same prototypes as from the supports themselves
+    from ragseg.prototypes import masked_prototypes
+
+    dec.exclusive = [(1, 2)]
+    for e in make_episodes(dec, ts, 2, np.random.default_rng(1)):
+        fg, bg = masked_prototypes(ts.feats["embed"][e.supports], ts.grid_masks[e.supports, e.label_index])
+        assert torch.allclose(e.fg, fg, atol=1e-5) and torch.allclose(e.bg, bg, atol=1e-5)
     # each cell goes to the label whose prototype it resembles most; one label: no competition
     q = ts.feats["embed"][0]
     fgs = {0: q[:, ts.grid_masks[0, 0] > 0].mean(1), 1: q[:, ts.grid_masks[0, 1] > 0].mean(1)}
