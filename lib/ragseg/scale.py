@@ -27,7 +27,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -280,8 +282,16 @@ class ActorPool:
             with contextlib.suppress(Exception):
                 ray.kill(self.actors[a], no_restart=True)
 
+        # Ctrl-C sets a flag the loop checks each pass: a KeyboardInterrupt raised while the main thread
+        # is inside Ray's wait was seen lost (the run went on to the end and exited 0)
+        stop = threading.Event()
+        old_handler = None
+        if threading.current_thread() is threading.main_thread():
+            old_handler = signal.signal(signal.SIGINT, lambda *_: stop.set())
         try:
             while queue or inflight or probe_at:
+                if stop.is_set():
+                    raise KeyboardInterrupt
                 now = time.perf_counter()
                 for a, t in list(probe_at.items()):
                     if t <= now:
@@ -354,6 +364,11 @@ class ActorPool:
             run.interrupted = True
             logger.warning("interrupted: stopping the workers; completed volumes are kept, re-run to resume")
             self.kill()
+        finally:
+            if old_handler is not None:
+                signal.signal(signal.SIGINT, old_handler)
+        if stop.is_set() and not run.interrupted:  # Ctrl-C during the last volume: still an interrupt
+            run.interrupted = True
         return run
 
 
