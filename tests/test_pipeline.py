@@ -17,6 +17,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from ragseg import layout
 from ragseg.engine import RagSam2Engine, SupportMemoryCache
 from ragseg.pipeline import Preprocess, Segmenter, discover_pairs, open_index, sync_index
 from ragseg.synthetic import make_dataset, make_subject, write_subject
@@ -119,6 +120,29 @@ def test_segment_volume_end_to_end(tmp_path, dataset, sam2_model, dino_embedder)
     misses = seg.engine.cache.misses
     seg.segment_volume(tmp_path / "q.nii.gz", image_id="q", labels=[1])
     assert seg.engine.cache.misses == misses
+
+
+@pytest.mark.slow
+def test_one_structure_labels_keep_their_largest_component(tmp_path, dataset, sam2_model, dino_embedder):
+    """The index records each labeled volume's 3D layout; the Segmenter reads it back and reduces the
+    labels that are one structure in every labeled volume (synthetic liver 1, spleen 2; not the
+    two-kidney label 3) to their largest component, over the volume's consecutive slices only."""
+    seg = _segmenter(tmp_path, sam2_model, dino_embedder, dataset, k=2)
+    recs = seg.index.records()
+    assert all(layout.RECORD_KEY in r.extra for r in recs)
+    assert layout.single_structure_labels(recs) == {1, 2}
+    s = make_subject(9, shape=SHAPE)
+    write_subject(s, tmp_path / "q.nii.gz")
+    all_slices = seg.pre.slices(load_image(tmp_path / "q.nii.gz"))
+    res = seg.segment_slices(all_slices, image_id="q", labels=[1, 2, 3])
+    assert res.single_structures == [1, 2]
+    raw = Segmenter(seg.engine, seg.embedder, seg.index, seg.pre, k=2, keep_largest=False).segment_slices(
+        all_slices, image_id="q", labels=[1, 2, 3])
+    assert raw.single_structures == []
+    assert np.array_equal(res.labels, layout.keep_largest(raw.labels, [1, 2]))
+    # scattered slices are not a volume: no 3D rule
+    part = seg.segment_slices(all_slices, image_id="q", labels=[1, 2], slices=[2, 5])
+    assert part.single_structures == []
 
 
 @pytest.mark.slow

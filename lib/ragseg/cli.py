@@ -273,7 +273,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
                      ct_window=a.ct_window, axis=a.axis, backend=a.backend, retrieval=a.retrieval,
                      location_prior=None if a.location_prior < 0 else a.location_prior, max_regions=a.max_regions,
                      finetune_epochs=a.finetune_epochs, baseline_iters=a.baseline_iters,
-                     baseline_time_s=a.baseline_time,
+                     baseline_time_s=a.baseline_time, keep_largest=not a.no_keep_largest,
                      save_predictions=a.save_predictions, figures=not a.no_figures, image_suffix=a.image_suffix,
                      feature_cache=a.feature_cache, image_size=a.image_size,
                      random_weights=a.random_weights_for_testing, sam2_variant=a.sam2_variant,
@@ -426,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="unet/dynunet: iteration cap (early stopping usually ends sooner; default: %(default)s)")
     ev.add_argument("--baseline-time", type=float, default=defaults.BASELINE_TIME_LIMIT_S, metavar="SECONDS",
                     help="unet/dynunet: wall-clock cap per training (default: %(default)s)")
+    ev.add_argument("--no-keep-largest", action="store_true",
+                    help="keep every connected component of labels the pool shows as one 3D structure "
+                         "(ablation of the served label rule; applies to every method but gt-box)")
     ev.add_argument("--save-predictions", action="store_true", help="also write predictions/ and overlay PNGs")
     ev.add_argument("--no-figures", action="store_true")
     ev.add_argument("--feature-cache", default=None, metavar="DIR",

@@ -39,6 +39,9 @@ MAX_K = 16  # SAM 2 attends to at most 16 object pointers; more supports add cos
 MASK_THRESHOLD = 0.0  # logit threshold for a binary mask (sigmoid 0.5)
 NESTED_WINS = True  # label rule: a structure enclosed by another's mask wins their overlap (rings)
 NESTED_FRACTION = 0.8  # "enclosed": at least this fraction of the smaller mask inside the larger
+STRUCTURE_FRACTION = 0.9  # one 3D structure: largest component holds this share in every labeled volume
+STRUCTURE_MIN_SLICES = 3  # consecutive labeled slices a volume needs to count as evidence for that
+KEEP_LARGEST_COMPONENT = True  # predicted volumes keep the largest component of one-structure labels
 EMBED_BATCH = 16  # slices per DINOv2 forward pass
 ENCODE_BATCH = 4  # slices per SAM 2 image-encoder pass
 

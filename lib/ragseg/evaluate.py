@@ -57,7 +57,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import defaults
+from . import defaults, layout
 from .engine import Support
 from .errors import RagsegError
 from .pipeline import (
@@ -103,6 +103,7 @@ class EvalConfig:
     location_prior: int | None = defaults.LOCATION_PRIOR
     max_regions: int = defaults.MAX_REGIONS
     finetune_epochs: int = defaults.FINETUNE_EPOCHS
+    keep_largest: bool = defaults.KEEP_LARGEST_COMPONENT  # one-structure labels: largest 3D component only
     baseline_iters: int = defaults.BASELINE_MAX_ITERS  # unet / dynunet: iteration cap
     baseline_time_s: float = defaults.BASELINE_TIME_LIMIT_S  # unet / dynunet: wall-clock cap per training
     save_predictions: bool = False
@@ -298,6 +299,7 @@ class Harness:
             self.models.lite().features = FeatureCache(max_bytes=8 << 30, directory=cfg.feature_cache)
         self.embedder = self.models.embedder()
         self.engine = self.models.engine()
+        self._single: dict[str, set[int]] = {}  # pool key -> labels that are one 3D structure there
         self.labels = list(cfg.classes.values())
         self.names = {v: k for k, v in cfg.classes.items()}
         self.case_info: dict[str, dict] = {}
@@ -400,7 +402,7 @@ class Harness:
     def predict_served(self, engine, case: Case, k: int) -> np.ndarray:
         """The server's path: index search + Segmenter (per-query self-exclusion, same label rule)."""
         seg = Segmenter(engine, self.embedder, self.pool_index(case), self.pre, k=k,
-                        allow_same_image=self.cfg.mode == "intra")
+                        allow_same_image=self.cfg.mode == "intra", keep_largest=self.cfg.keep_largest)
         res = seg.segment_slices(case.query.slices, image_id=case.query.id, labels=self.labels,
                                  slices=case.query_slices)
         return res.labels
@@ -413,7 +415,26 @@ class Harness:
         if how == "retrieved":
             return self.predict_served(engine, case, k)
         q = case.query.slices[case.query_slices]
-        return self._to_labels(engine.segment_queries(q, self.random_supports(case, k), labels=self.labels))
+        pred = self._to_labels(engine.segment_queries(q, self.random_supports(case, k), labels=self.labels))
+        return self.keep_largest(case, pred)
+
+    def keep_largest(self, case: Case, pred: np.ndarray) -> np.ndarray:
+        """The served label rule's last step for predictions made outside the Segmenter (random
+        supports, baselines): labels the pool shows as one 3D structure keep their largest component."""
+        if not self.cfg.keep_largest or case.query_slices != list(range(case.query_slices[0],
+                                                                        case.query_slices[-1] + 1)):
+            return pred
+        if case.pool_key not in self._single:
+            vols: dict[str, tuple[Subject, list[int]]] = {}
+            for subj, z in case.pool:
+                vols.setdefault(subj.id, (subj, []))[1].append(z)
+            fr = []
+            for subj, zs in vols.values():  # the label files pool_index writes: pool slices only
+                part = np.zeros_like(subj.labels)
+                part[zs] = np.where(np.isin(subj.labels[zs], self.labels), subj.labels[zs], 0)
+                fr.append(layout.structure_fractions(part))
+            self._single[case.pool_key] = layout.single_structures(fr)
+        return layout.keep_largest(pred, sorted(self._single[case.pool_key] & set(self.labels)))
 
     def predict_gt_box(self, case: Case) -> np.ndarray:
         from scipy import ndimage
@@ -481,7 +502,7 @@ class Harness:
 
         model, info, _ = self.trained(case, arch, train)
         self.case_info[case.name][arch] = info
-        return predict_baseline(model, case.query.slices[case.query_slices])
+        return self.keep_largest(case, predict_baseline(model, case.query.slices[case.query_slices]))
 
     # running ------------------------------------------------------------------------------------------
     def run(self, cases: list[Case], progress: bool = True) -> list[dict]:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import defaults
+from . import defaults, layout
 from .embedders import Embedder
 from .engine import Support
 from .errors import InputError, RagsegError
@@ -144,8 +144,10 @@ def embed_labeled_volume(item: LabeledVolume, embedder: Embedder, pre: Preproces
     if not keep:
         return np.zeros((0, embedder.dim), np.float32), []
     vecs = embedder.embed(pre.slices(img)[keep])
+    # the volume's 3D layout (one structure per label?) rides on each of its records
+    extra = {"preprocess": pre.id, layout.RECORD_KEY: layout.structure_fractions(lab_s)}
     recs = [SliceRecord(item.image_id, int(i), [int(v) for v in present[i] if v > 0], lc, ic,
-                        str(item.image_path), str(item.label_path), {"preprocess": pre.id}) for i in keep]
+                        str(item.image_path), str(item.label_path), dict(extra)) for i in keep]
     return vecs, recs
 
 
@@ -328,7 +330,9 @@ class SegmentationResult:
 class SliceSegmentation:
     """Canonical-slice result of :meth:`Segmenter.segment_slices`.
 
-    labels: [len(slices), H, W] label values (0 = background), by :func:`logits_to_labels`.
+    labels: [len(slices), H, W] label values (0 = background), by :func:`logits_to_labels`; over
+        consecutive slices, labels in ``single_structures`` keep only their largest component
+        (``logits`` are the engine's, before that).
     active: label values that were segmented (had supports); logits (when asked) follow this order.
     """
 
@@ -337,6 +341,7 @@ class SliceSegmentation:
     supports: dict[int, list[tuple[str, int]]] = field(default_factory=dict)
     missing_labels: list[int] = field(default_factory=list)
     active: list[int] = field(default_factory=list)
+    single_structures: list[int] = field(default_factory=list)  # labels reduced to their largest component
     logits: torch.Tensor | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -415,13 +420,17 @@ class Segmenter:
         propagate: 3D-consistency mode (track through neighbouring slices, see
             :meth:`RagSam2Engine.propagate`).
         diverse: spread the k supports over the labeled images (see :func:`diverse_top_k`).
+        keep_largest: for labels the pool shows as one connected 3D structure, keep only the
+            largest connected component of a prediction over consecutive slices
+            (:mod:`ragseg.layout`).
         store: where support slices come from (default: read from the records' files on demand;
             Ray workers pass a frozen store, see :meth:`SupportStore.freeze`).
     """
 
     def __init__(self, engine: SegmentationEngine, embedder: Embedder, index: SliceIndex, pre: Preprocess, *,
                  k: int = defaults.DEFAULT_K, allow_same_image: bool = True, propagate: bool = False,
-                 diverse: bool = defaults.DIVERSE_SUPPORTS, store: SupportStore | None = None):
+                 diverse: bool = defaults.DIVERSE_SUPPORTS, store: SupportStore | None = None,
+                 keep_largest: bool = defaults.KEEP_LARGEST_COMPONENT):
         if not 1 <= k <= defaults.MAX_K:
             raise RagsegError(f"k must be between 1 and {defaults.MAX_K}, got {k}")
         if index.embedder_id != index_id(embedder, pre):
@@ -429,6 +438,7 @@ class Segmenter:
         self.engine, self.embedder, self.index, self.pre = engine, embedder, index, pre
         self.k, self.allow_same_image, self.propagate, self.diverse = k, allow_same_image, propagate, diverse
         self.store = store or SupportStore(pre)
+        self.keep_largest = keep_largest
 
     def pool_labels(self) -> list[int]:
         return sorted({v for r in self.index.records() for v in r.labels})
@@ -556,6 +566,10 @@ class Segmenter:
         t = time.perf_counter()
         res.active = active
         res.labels = logits_to_labels(logits, active)
+        if self.keep_largest and len(sel) > 1 and sel[-1] - sel[0] + 1 == len(sel):  # consecutive slices
+            one = sorted(layout.single_structure_labels(self.index.records()) & set(active))
+            res.labels = layout.keep_largest(res.labels, one)
+            res.single_structures = one
         res.logits = logits if return_logits else None
         tm["write"] += time.perf_counter() - t
         return res

@@ -1,0 +1,90 @@
+"""What the labeled pool's 3D label layout says about each label: is it one connected structure?
+
+A left ventricle, a hippocampus head or a liver is one connected 3D structure in every labeled
+volume; MS lesions or a label that covers both kidneys are not. For a label that the pool shows
+as one structure, a predicted volume keeps only its largest connected component: slice-by-slice
+predictions leave stray islands on slices where a look-alike region fooled the decoder, and
+those islands are not connected to the structure through the neighbouring slices.
+
+The evidence is computed when a labeled volume is indexed (:func:`structure_fractions`, stored
+in each record's ``extra``) and read back per request (:func:`single_structure_labels`), so the
+index stays the only state and is rebuilt from the labels like everything else.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import numpy as np
+from scipy import ndimage
+
+from . import defaults
+
+logger = logging.getLogger(__name__)
+
+RECORD_KEY = "largest_component"  # SliceRecord.extra key: {label value (str): fraction}
+_FACES = ndimage.generate_binary_structure(3, 1)  # 6-connectivity: slices connect only through overlap
+
+
+def largest_fraction(mask: np.ndarray) -> float:
+    """Share of the voxels of a 3D bool mask that lie in its largest 6-connected component."""
+    lab, n = ndimage.label(mask, structure=_FACES)
+    if n == 0:
+        return 0.0
+    sizes = np.bincount(lab.ravel())[1:]
+    return float(sizes.max() / sizes.sum())
+
+
+def structure_fractions(label_slices: np.ndarray, min_slices: int = defaults.STRUCTURE_MIN_SLICES
+                        ) -> dict[str, float]:
+    """label value (as str, for JSON) -> :func:`largest_fraction` of that label in a stack of
+    canonical label slices [n, H, W], for labels drawn on at least ``min_slices`` consecutive
+    slices with no unlabeled slice in between. A label drawn on scattered slices (a few-shot user
+    labels slices 10, 20 and 30) says nothing about 3D connectivity and gets no entry."""
+    out: dict[str, float] = {}
+    for v in np.unique(label_slices):
+        if v == 0:
+            continue
+        m = label_slices == v
+        zs = np.nonzero(m.any((1, 2)))[0]
+        if len(zs) < min_slices or zs[-1] - zs[0] + 1 != len(zs):
+            continue
+        out[str(int(v))] = round(largest_fraction(m[zs[0]:zs[-1] + 1]), 4)
+    return out
+
+
+def single_structure_labels(records: Iterable, fraction: float = defaults.STRUCTURE_FRACTION) -> set[int]:
+    """Labels that are one structure in the pool: every labeled volume with evidence for the label
+    (:func:`structure_fractions`, read from index records' ``extra``) has at least ``fraction`` of
+    its voxels in the largest component, and at least one volume has evidence."""
+    per_image: dict[str, dict[str, float]] = {}
+    for r in records:
+        if r.image_id not in per_image:
+            per_image[r.image_id] = (r.extra or {}).get(RECORD_KEY) or {}
+    return single_structures(per_image.values(), fraction)
+
+
+def single_structures(volumes: Iterable[dict[str, float]], fraction: float = defaults.STRUCTURE_FRACTION
+                      ) -> set[int]:
+    """The rule of :func:`single_structure_labels` on one :func:`structure_fractions` per volume."""
+    seen: dict[int, bool] = {}
+    for fr in volumes:
+        for v, f in fr.items():
+            seen[int(v)] = seen.get(int(v), True) and float(f) >= fraction
+    return {v for v, ok in seen.items() if ok}
+
+
+def keep_largest(label_slices: np.ndarray, values: Iterable[int]) -> np.ndarray:
+    """For each label value in ``values``, keep only its largest 6-connected component in the
+    stack [n, H, W] of consecutive slices (the rest becomes background); returns a new array."""
+    out = label_slices.copy()
+    for v in values:
+        m = label_slices == v
+        lab, n = ndimage.label(m, structure=_FACES)
+        if n <= 1:
+            continue
+        sizes = np.bincount(lab.ravel())
+        sizes[0] = 0
+        out[m & (lab != int(np.argmax(sizes)))] = 0
+    return out

@@ -1,0 +1,54 @@
+"""The pool's 3D label layout: which labels are one connected structure, and the largest-component rule."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ragseg import layout
+from ragseg.index import SliceRecord
+
+
+def _stack(n=8, size=20):
+    return np.zeros((n, size, size), np.int64)
+
+
+def test_structure_fractions_need_consecutive_slices():
+    lab = _stack()
+    lab[1:6, 5:10, 5:10] = 1  # one blob over 5 slices
+    lab[1:6, 2:4, 14:18] = 2  # two blobs of label 2: 5x2x4 = 40 and 5x4x3 = 60 voxels
+    lab[1:6, 14:18, 14:17] = 2
+    lab[2, 15:18, 2:5] = 3  # label 3 on slices 2 and 6 only: a gap, no evidence
+    lab[6, 15:18, 2:5] = 3
+    lab[0:2, 0:2, 0:2] = 4  # two slices only: too few
+    fr = layout.structure_fractions(lab)
+    assert fr == {"1": 1.0, "2": 0.6}
+    assert layout.structure_fractions(lab, min_slices=2)["4"] == 1.0
+
+
+def test_single_structures_need_every_volume_to_agree():
+    assert layout.single_structures([{"1": 1.0, "2": 0.95}, {"1": 0.99, "2": 0.5}]) == {1}
+    assert layout.single_structures([{"1": 0.95}], fraction=0.96) == set()
+    assert layout.single_structures([{}, {}]) == set()  # scattered labels: no evidence, no rule
+    recs = [SliceRecord("a", z, [1], "c", extra={layout.RECORD_KEY: {"1": 1.0}}) for z in range(3)]
+    recs += [SliceRecord("b", 0, [1], "c", extra={"preprocess": "x"})]  # indexed before the rule: ignored
+    assert layout.single_structure_labels(recs) == {1}
+    recs += [SliceRecord("c", 0, [1], "c", extra={layout.RECORD_KEY: {"1": 0.4}})]
+    assert layout.single_structure_labels(recs) == set()
+
+
+def test_keep_largest_removes_islands_of_the_listed_labels_only():
+    pred = _stack()
+    pred[2:6, 4:12, 4:12] = 1
+    pred[7, 15:18, 15:18] = 1  # island on a slice of its own
+    pred[3, 0:2, 0:2] = 1  # island in-plane, not touching by a face
+    pred[2:4, 14:16, 2:4] = 2
+    pred[6:8, 14:16, 2:4] = 2  # label 2 in two pieces, but not listed
+    out = layout.keep_largest(pred, [1])
+    assert (out == 1).sum() == 4 * 8 * 8 and not (out[7] == 1).any() and out[3, 0, 0] == 0
+    assert np.array_equal(out == 2, pred == 2)
+    assert (pred[7, 15:18, 15:18] == 1).all()  # the input is not modified
+    # touching only by an edge (not a face) is not connected
+    edge = _stack()
+    edge[2, 4:8, 4:8] = 1
+    edge[3, 8:9, 8:9] = 1
+    assert (layout.keep_largest(edge, [1]) == 1).sum() == 16
