@@ -13,6 +13,7 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from ragseg.synthetic import make_subject, write_subject
 
@@ -118,6 +119,8 @@ def test_acdc_index_four_patients_infer_a_fifth_through_the_server(tmp_path):
     out = tmp_path / "answer.nii.gz"
     out.write_bytes(img_part.split(b"\r\n\r\n", 1)[1].rstrip(b"\r\n-"))
     assert sorted(res["segmented_labels"]) == sorted(CLASSES) and res["missing_labels"] == []
+    # RV, MYO and LV are one connected structure in each labeled heart: one component each
+    assert sorted(res["largest_component_only"]) == sorted(CLASSES), res
     assert {sid for sups in res["supports"].values() for sid, _ in sups} <= set(POOL)
     pred, query = nib.load(out), nib.load(src / f"{QUERY}_frame01.nii.gz")
     assert pred.shape == query.shape and np.allclose(pred.affine, query.affine, atol=1e-4)
@@ -126,6 +129,8 @@ def test_acdc_index_four_patients_infer_a_fifth_through_the_server(tmp_path):
     dice = {k: float(2 * ((p == v) & (gt == v)).sum() / max(1, (p == v).sum() + (gt == v).sum()))
             for k, v in CLASSES.items()}
     heart = float(2 * ((p > 0) & (gt > 0)).sum() / max(1, (p > 0).sum() + (gt > 0).sum()))
+    for v in CLASSES.values():
+        assert ndimage.label(p == v, structure=ndimage.generate_binary_structure(3, 1))[1] <= 1, v
     print("ACDC cross-patient Dice through the server (4 labeled patients, training-free LiteMedSAM, k=3):", dice,
           "heart (any label):", round(heart, 3))
     # Measured: heart 0.6+, RV 0.74, MYO 0.27, LV 0.28 (a box cannot say "ring": issue #12). The

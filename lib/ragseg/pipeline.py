@@ -324,6 +324,7 @@ class SegmentationResult:
     missing_labels: list[int] = field(default_factory=list)
     slices: list[int] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    single_structures: list[int] = field(default_factory=list)  # labels kept to their largest component
 
 
 @dataclass
@@ -469,6 +470,7 @@ class Segmenter:
             raise InputError(vol.path, e.problem) from e
         res.supports, res.missing_labels, res.slices, res.timings = (sres.supports, sres.missing_labels,
                                                                      sres.slices, sres.timings)
+        res.single_structures = sres.single_structures
         res.timings["load"] = load_s
         if not sres.active or not sres.slices:
             return res

@@ -211,6 +211,8 @@ class RagSegInfer(InferTask):
             "label_names": {name_of(v): v for v in sorted(set(segmented) | set(names.values()))},
             "segmented_labels": [name_of(v) for v in segmented],
             "missing_labels": [name_of(v) for v in res.missing_labels],
+            # one connected structure in every labeled volume: reduced to the largest component
+            "largest_component_only": [name_of(v) for v in res.single_structures],
             "warnings": warnings,
             "supports": {name_of(v): [list(s) for s in sup] for v, sup in res.supports.items()},
             "slices": sorted(canonical_to_file_slice(s, vol.shape, vol.affine, axis) for s in res.slices),
