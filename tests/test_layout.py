@@ -47,6 +47,14 @@ def test_keep_largest_removes_islands_of_the_listed_labels_only():
     assert (out == 1).sum() == 4 * 8 * 8 and not (out[7] == 1).any() and out[3, 0, 0] == 0
     assert np.array_equal(out == 2, pred == 2)
     assert (pred[7, 15:18, 15:18] == 1).all()  # the input is not modified
+    # two pieces of alike size: which one is the structure is a guess, so both stay
+    twin = _stack()
+    twin[1:3, 2:6, 2:6] = 1  # 32 voxels
+    twin[5:7, 12:16, 12:15] = 1  # 24 voxels: at least half of 32
+    twin[7, 0:2, 0:2] = 1  # 4 voxels: goes
+    kept = layout.keep_largest(twin, [1])
+    assert (kept == 1).sum() == 56 and kept[7, 0, 0] == 0
+    assert (layout.keep_largest(twin, [1], ratio=1.0) == 1).sum() == 32
     # touching only by an edge (not a face) is not connected
     edge = _stack()
     edge[2, 4:8, 4:8] = 1

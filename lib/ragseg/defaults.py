@@ -42,6 +42,7 @@ NESTED_FRACTION = 0.8  # "enclosed": at least this fraction of the smaller mask 
 STRUCTURE_FRACTION = 0.9  # one 3D structure: largest component holds this share in every labeled volume
 STRUCTURE_MIN_SLICES = 3  # consecutive labeled slices a volume needs to count as evidence for that
 KEEP_LARGEST_COMPONENT = True  # predicted volumes keep the largest component of one-structure labels
+STRUCTURE_KEEP_RATIO = 0.5  # ...and any other at least this share of its size (which is right is a guess)
 EMBED_BATCH = 16  # slices per DINOv2 forward pass
 ENCODE_BATCH = 4  # slices per SAM 2 image-encoder pass
 

@@ -2,7 +2,8 @@
 
 A left ventricle, a hippocampus head or a liver is one connected 3D structure in every labeled
 volume; MS lesions or a label that covers both kidneys are not. For a label that the pool shows
-as one structure, a predicted volume keeps only its largest connected component: slice-by-slice
+as one structure, a predicted volume keeps only its largest connected component (and any other
+at least half its size: then which piece is the structure is a guess): slice-by-slice
 predictions leave stray islands on slices where a look-alike region fooled the decoder, and
 those islands are not connected to the structure through the neighbouring slices.
 
@@ -75,9 +76,12 @@ def single_structures(volumes: Iterable[dict[str, float]], fraction: float = def
     return {v for v, ok in seen.items() if ok}
 
 
-def keep_largest(label_slices: np.ndarray, values: Iterable[int]) -> np.ndarray:
-    """For each label value in ``values``, keep only its largest 6-connected component in the
-    stack [n, H, W] of consecutive slices (the rest becomes background); returns a new array."""
+def keep_largest(label_slices: np.ndarray, values: Iterable[int],
+                 ratio: float = defaults.STRUCTURE_KEEP_RATIO) -> np.ndarray:
+    """For each label value in ``values``, keep its largest 6-connected component in the stack
+    [n, H, W] of consecutive slices, and any other component at least ``ratio`` times its size
+    (when two pieces are alike in size, which is the structure is a guess: keep both); the rest
+    becomes background. Returns a new array."""
     out = label_slices.copy()
     for v in values:
         m = label_slices == v
@@ -86,5 +90,5 @@ def keep_largest(label_slices: np.ndarray, values: Iterable[int]) -> np.ndarray:
             continue
         sizes = np.bincount(lab.ravel())
         sizes[0] = 0
-        out[m & (lab != int(np.argmax(sizes)))] = 0
+        out[m & (sizes[lab] < ratio * sizes.max())] = 0
     return out
