@@ -188,3 +188,23 @@ def test_sweep_partials_removes_only_dead_writers_debris(tmp_path):
         assert Path(live).exists() and not dead[0].exists()
         Path(live).write_bytes(b"done")
     assert (tmp_path / "b.nii.gz").read_bytes() == b"done"
+
+
+def test_affine_spacing_that_disagrees_with_pixdim_is_warned_about(tmp_path, caplog):
+    """A converter that wrote a unit sform over real pixdim (the shared ACDC sample) turns every
+    distance into voxel counts; the loader follows the affine (the NIfTI rule) and says so."""
+    import logging
+
+    arr = np.zeros((8, 8, 4), np.float32)
+    img = nib.Nifti1Image(arr, np.eye(4))
+    img.header.set_zooms((1.5625, 1.5625, 10.0))  # pixdim only; the sform stays the identity
+    img.set_qform(None, code=0)
+    img.set_sform(np.eye(4), code=2)
+    nib.save(img, tmp_path / "odd.nii.gz")
+    nib.save(nib.Nifti1Image(arr, np.diag([1.5, 1.5, 3.0, 1.0])), tmp_path / "fine.nii.gz")
+    with caplog.at_level(logging.WARNING, logger="ragseg.volume"):
+        odd = load_image(tmp_path / "odd.nii.gz")
+        load_image(tmp_path / "fine.nii.gz")
+    assert np.allclose(np.sqrt((odd.affine[:3, :3] ** 2).sum(0)), 1.0)  # the affine wins
+    msgs = [r.getMessage() for r in caplog.records if "pixdim" in r.getMessage()]
+    assert len(msgs) == 1 and "odd.nii.gz" in msgs[0] and "10.0" in msgs[0], msgs

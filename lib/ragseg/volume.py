@@ -121,11 +121,36 @@ def _read_any(path: Path) -> tuple[np.ndarray, np.ndarray, object | None]:
             arr = np.asanyarray(img.dataobj)
         except Exception as e:  # nibabel raises many types for truncated/corrupt files
             raise InputError(path, f"cannot read NIfTI file ({type(e).__name__}: {e})") from e
-        return arr, np.asarray(img.affine, dtype=np.float64), img.header
+        aff = np.asarray(img.affine, dtype=np.float64)
+        _warn_spacing_mismatch(path, aff, img.header)
+        return arr, aff, img.header
     if ext in NRRD_EXTS:
         return _read_nrrd(path)
     raise InputError(path, f"unknown image format {ext!r}; expected one of {', '.join(IMAGE_EXTS)} "
                            "or a DICOM series folder")
+
+
+_spacing_warned: set[str] = set()
+
+
+def _warn_spacing_mismatch(path: Path, affine: np.ndarray, header) -> None:
+    """Warn (once per file) when the affine's voxel size differs from the header's pixdim.
+
+    nibabel (like ITK) takes the sform when its code is set, so the affine wins and every distance
+    (spacing-aware resampling, HD95) follows it; a converter that wrote a unit sform over
+    1.6 x 1.6 x 10 mm pixdim (as in the shared ACDC sample) makes those distances voxel counts.
+    """
+    try:
+        zooms = np.asarray(header.get_zooms()[:3], dtype=np.float64)
+    except Exception:  # a header without zooms: nothing to compare
+        return
+    aff_z = np.sqrt((affine[:3, :3] ** 2).sum(0))
+    if zooms.size == 3 and (zooms > 0).all() and not np.allclose(aff_z, zooms, rtol=0.01) \
+            and str(path) not in _spacing_warned:
+        _spacing_warned.add(str(path))
+        logger.warning("%s: voxel size in the affine %s differs from the header's pixdim %s; using the "
+                       "affine (the NIfTI sform/qform rule)", path, np.round(aff_z, 4).tolist(),
+                       np.round(zooms, 4).tolist())
 
 
 def _read_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray, None]:
