@@ -83,6 +83,8 @@ def test_train_task_through_the_server(server, tmp_path):
     ts = server.info()["train_stats"]["ragseg_decoder"]
     assert ts["epoch"] == ts["total_epochs"] == 2 and 0 < ts["best_metric"] <= 1 and ts["total_time"] > 0
     assert ts["state"] == "done"
+    man = json.loads((server.studies / ".ragseg" / "decoders" / "ragseg_decoder" / "manifest.json").read_text())
+    assert man["epochs"] == 2 and man["averaged_epochs"] == 1  # a 2-epoch run averages its second half
     if seen_running is not None:  # what Slicer polls while it runs: no total_time yet
         assert "total_time" not in seen_running and seen_running["total_epochs"] == 2
     # the next request uses the fine-tuned decoder

@@ -306,7 +306,7 @@ def cmd_finetune(a: argparse.Namespace) -> int:
                         epochs=a.epochs, lr=a.lr, k=a.k, use_box=not a.no_box, seed=a.seed, progress=True)
     per_epoch = np.mean([h["seconds"] for h in res.history])
     print(json.dumps({"output": a.out, "epochs": len(res.history), "best_epoch": res.best_epoch,
-                      "best_metric": round(res.best_metric, 4), "first_loss": round(res.history[0]["loss"], 4),
+                      "best_metric": round(res.best_metric, 4), "averaged_epochs": res.averaged, "first_loss": round(res.history[0]["loss"], 4),
                       "last_loss": round(res.history[-1]["loss"], 4), "encode_s": round(res.encode_s, 2),
                       "epoch_s": round(float(per_epoch), 3)}))
     return 0

@@ -448,26 +448,65 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)  # per epoch: loss, dice, seconds
     best_metric: float = 0.0
     best_epoch: int = 0
+    averaged: int = 0  # epoch-end states averaged into the decoder kept (0: the best epoch's kept)
     encode_s: float = 0.0
+
+
+def average_states(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Element-wise mean of state dicts with the same keys (integer buffers: the last state's)."""
+    out = {}
+    for k, v in states[-1].items():
+        out[k] = torch.stack([s[k] for s in states]).mean(0) if v.is_floating_point() else v.clone()
+    return out
 
 
 def _batch_feats(feats: dict[str, torch.Tensor], idx: list[int]) -> dict[str, torch.Tensor]:
     return {k: v[idx] for k, v in feats.items()}
 
 
+def shift_batch(feats: dict[str, torch.Tensor], target: torch.Tensor, boxes: torch.Tensor, dy: int, dx: int, *,
+                grid: int, input_size: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Move a batch's features, targets and boxes together by (dy, dx) embedding cells.
+
+    Every feature map moves by the same distance in the image (a map k times finer than the
+    ``grid`` by k times as many cells), the [n, S, S] targets by ``S / grid`` pixels per cell and
+    the [n, 4] xyxy boxes (in the ``input_size`` frame) by ``input_size / grid``. Maps roll
+    around their borders, which hold background in scans, so the content stays what the encoder saw.
+    """
+    if not (dy or dx):
+        return feats, target, boxes
+    moved = {}
+    for k, v in feats.items():
+        f = v.shape[-1] // grid
+        moved[k] = torch.roll(v, (dy * f, dx * f), (-2, -1))
+    t = target.shape[-1] // grid
+    target = torch.roll(target, (dy * t, dx * t), (-2, -1))
+    p = input_size / grid
+    boxes = (boxes + torch.tensor([dx, dy, dx, dy], dtype=boxes.dtype) * p).clamp(0, input_size - 1)
+    return moved, target, boxes
+
+
 def finetune(dec: PrototypeDecoder, ts: TrainingSet, *, epochs: int = defaults.FINETUNE_EPOCHS,
              lr: float = defaults.FINETUNE_LR, batch: int = defaults.FINETUNE_BATCH, k: int = defaults.DEFAULT_K,
-             seed: int = 0, max_episodes: int | None = defaults.FINETUNE_MAX_EPISODES, progress: bool = False,
+             seed: int = 0, max_episodes: int | None = defaults.FINETUNE_MAX_EPISODES,
+             shift: int = defaults.FINETUNE_SHIFT, average_last: int = defaults.FINETUNE_AVERAGE_LAST,
+             progress: bool = False,
              on_epoch: Callable[[int, dict], bool | None] | None = None) -> TrainResult:
     """Train ``dec`` (decoder + projection; backbone frozen) on episodes from ``ts``.
 
     Each epoch draws new support subsets (and box jitter), so the decoder sees varied prototypes;
     with ``max_episodes`` an epoch is a random subset of that many episodes (large pools).
+    With ``shift`` > 0 each batch is moved by up to that many embedding cells in y and x
+    (:func:`shift_batch`), so the decoder cannot tie a structure to where it lies in the few
+    labeled patients.
     A decoder built with ``exclusive=None`` first gets its competing label pairs from
     :func:`choose_exclusive`.
     The metric is the epoch's mean Dice over episodes whose query carries the label (before each
-    step's update); the state with the best metric is kept. ``on_epoch(epoch, stats)`` may return
-    True to stop early.
+    step's update). The decoder kept is the mean of its states at the end of the last
+    ``average_last`` epochs, at most the second half of the ``epochs`` (weight averaging: one
+    epoch's state is a noisy pick, and a short run's first states are far from where it ends), or
+    with ``average_last=0`` the state with the best metric. ``on_epoch(epoch, stats)`` may return True
+    to stop early (the average is then over the last epochs run).
     """
     torch.manual_seed(seed)
     res = TrainResult(dec, encode_s=ts.encode_s)
@@ -479,6 +518,8 @@ def finetune(dec: PrototypeDecoder, ts: TrainingSet, *, epochs: int = defaults.F
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     best_state = copy.deepcopy(dec.state_dict())
     best = -1.0
+    n_avg = min(average_last, max(1, epochs // 2)) if average_last > 0 else 0
+    recent: list[dict[str, torch.Tensor]] = []  # the last ``n_avg`` epoch-end states
     dec.train()
     for ep in tqdm(range(1, epochs + 1), desc="fine-tuning decoder", disable=not progress, unit="epoch"):
         t0 = time.perf_counter()
@@ -491,8 +532,12 @@ def finetune(dec: PrototypeDecoder, ts: TrainingSet, *, epochs: int = defaults.F
             b = [eps[i] for i in order[s:s + batch]]
             feats = _batch_feats(ts.feats, [e.query for e in b])
             target = torch.stack([ts.targets[e.query, e.label_index] for e in b])
-            logits = dec(feats, torch.stack([e.fg for e in b]), torch.stack([e.bg for e in b]),
-                         torch.stack([e.box for e in b]))[:, 0]
+            boxes = torch.stack([e.box for e in b])
+            if shift > 0:
+                dy, dx = (int(v) for v in rng.integers(-shift, shift + 1, 2))
+                feats, target, boxes = shift_batch(feats, target, boxes, dy, dx, grid=dec.adapter.grid,
+                                                   input_size=dec.adapter.input_size)
+            logits = dec(feats, torch.stack([e.fg for e in b]), torch.stack([e.bg for e in b]), boxes)[:, 0]
             loss = dice_bce_loss(logits, target)
             opt.zero_grad()
             loss.backward()
@@ -509,8 +554,13 @@ def finetune(dec: PrototypeDecoder, ts: TrainingSet, *, epochs: int = defaults.F
         if stats["dice"] > best:
             best, res.best_epoch = stats["dice"], ep
             best_state = copy.deepcopy(dec.state_dict())
+        if n_avg > 0:
+            recent = [*recent, copy.deepcopy(dec.state_dict())][-n_avg:]
         if on_epoch is not None and on_epoch(ep, stats):
             break
+    if recent:
+        best_state = average_states(recent)
+        res.averaged = len(recent)
     dec.load_state_dict(best_state)
     dec.eval()
     res.best_metric = best

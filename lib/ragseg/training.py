@@ -75,6 +75,7 @@ def train_decoder(items: Sequence[LabeledVolume], adapter: DecoderAdapter, pre: 
         "labels": {names.get(v, f"label_{v}"): v for v in labels},
         "data_checksum": data_checksum(ident), "slices": len(ts), "preprocess": pre.id,
         "epochs": len(res.history), "best_epoch": res.best_epoch, "best_metric": res.best_metric,
+        "averaged_epochs": res.averaged, "shift_cells": defaults.FINETUNE_SHIFT,
         "lr": lr, "k": k, "seed": seed, "max_episodes": max_episodes, "encode_s": round(ts.encode_s, 2),
         "train_s": round(time.perf_counter() - t0, 2), "history": res.history, "ragseg_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
