@@ -24,7 +24,7 @@ def test_harness_outputs_and_dice_match_numpy(tmp_path):
     cmd = [sys.executable, "-m", "ragseg.cli", "evaluate", str(root), str(root / "labels" / "final"),
            "--classes", "liver=1,spleen=2", "--mode", "loso", "--n-support", "1", "--k", "1,2",
            "--methods", "retrieved,random,finetuned,gt-box,unet,dynunet", "--finetune-epochs", "1",
-           "--baseline-iters", "6",
+           "--baseline-iters", "2",
            "--modality", "CT", "--save-predictions", "--out", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
