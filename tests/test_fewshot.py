@@ -431,3 +431,75 @@ def test_finetune_keeps_the_mean_of_the_last_epochs_and_trains_on_shifted_batche
     # the same seed with shifts trains on other batches, so it ends elsewhere
     kept_s, _, _ = run(average_last=0, shift=2)
     assert any(not torch.equal(kept_s[k], kept0[k]) for k in kept0 if kept0[k].is_floating_point())
+
+
+def test_region_cap_keeps_the_most_foreground_like_cells():
+    """The size cap: a coarse region keeps at most ``factor`` x the supports' mean structure area,
+    choosing the cells most like the foreground; without it every foreground-like cell counts."""
+    from ragseg.prototypes import coarse_regions, region_cell_cap
+
+    g = 16
+    fg, bg = torch.zeros(4), torch.zeros(4)
+    fg[0], bg[1] = 1.0, 1.0
+    emb = torch.zeros(4, g, g)
+    emb[1] = 1.0  # background everywhere ...
+    emb[0, 2:14, 2:14] = 1.5  # ... a wide foreground-like block (144 cells) ...
+    emb[0, 6:10, 6:10] = 3.0  # ... whose 16-cell centre is far more foreground-like
+    masks = torch.zeros(2, g, g)
+    masks[0, :4, :4] = 1.0  # 16 cells
+    masks[1, :2, :4] = 1.0  # 8 cells: mean 12
+    assert region_cell_cap(masks, 1.5) == 18 and region_cell_cap(masks, None) is None
+    assert region_cell_cap(masks, 0) is None
+    wide = coarse_regions(emb, fg, bg)
+    assert wide[0].sum() == 144
+    capped = coarse_regions(emb, fg, bg, max_cells=region_cell_cap(masks, 1.0))  # 12 of the 16 tied: ties kept
+    assert capped[0].sum() == 16 and capped[0][6:10, 6:10].all()
+
+
+def test_decoder_keeps_its_area_cap_and_the_engine_serves_it(tmp_path, monkeypatch):
+    """The cap a decoder was trained with is saved, loaded (None for decoders saved before the cap
+    existed) and used by the engine instead of the engine's own."""
+    from ragseg import prototypes
+    from ragseg.engine import Support
+    from ragseg.fewshot import LiteMedSamAdapter, PrototypeDecoder
+    from ragseg.litemedsam import LiteMedSAM, LiteMedSamEngine
+
+    lite = LiteMedSAM.random(seed=0)
+    adapter = LiteMedSamAdapter(lite)
+    PrototypeDecoder(adapter, area_cap=2.5).save(tmp_path / "d", {"labels": [1]})
+    dec, man = PrototypeDecoder.load(tmp_path / "d", adapter)
+    assert man["area_cap"] == 2.5 and dec.area_cap == 2.5
+    man.pop("area_cap")
+    (tmp_path / "d" / "manifest.json").write_text(json.dumps(man))
+    assert PrototypeDecoder.load(tmp_path / "d", adapter)[0].area_cap is None
+
+    seen: list = []
+    real = prototypes.coarse_regions
+
+    def spy(*a, max_cells=None, **kw):
+        seen.append(max_cells)
+        return real(*a, max_cells=max_cells, **kw)
+    monkeypatch.setattr(prototypes, "coarse_regions", spy)
+    img = np.full((64, 64), 0.1, np.float32)
+    img[20:44, 16:40] = 0.9
+    mask = np.zeros((64, 64), bool)
+    mask[20:44, 16:40] = True  # 576 px = 576 cells of the 64-cell grid on a 64 px slice
+    sups = [[[Support("a|1", lambda: (img, mask))]]]
+    LiteMedSamEngine(lite, location_prior=None, area_cap=1.0).segment_queries(img[None], sups)
+    LiteMedSamEngine(lite, decoder=dec, location_prior=None, area_cap=1.0).segment_queries(img[None], sups)
+    LiteMedSamEngine(lite, decoder=PrototypeDecoder(adapter, area_cap=None), location_prior=None,
+                     area_cap=1.0).segment_queries(img[None], sups)
+    assert seen == [576, 1440, None], seen
+
+
+def test_area_cap_option_parsing():
+    from ragseg.label_app.config import AppConfig, ConfigError
+    from ragseg.prototypes import parse_area_cap
+
+    assert parse_area_cap("none") is None and parse_area_cap("0") is None and parse_area_cap("1.5") == 1.5
+    assert AppConfig.from_conf({"area_cap": "2"}).area_cap == 2.0
+    assert AppConfig.from_conf({}).area_cap is None
+    with pytest.raises(ConfigError, match="area_cap"):
+        AppConfig.from_conf({"area_cap": "-1"})
+    with pytest.raises(ConfigError, match="area_cap"):
+        AppConfig.from_conf({"area_cap": "big"})

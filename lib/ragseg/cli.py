@@ -22,6 +22,15 @@ from .errors import RagsegError
 logger = logging.getLogger("ragseg")
 
 
+def _area_cap(v: str):
+    from .prototypes import parse_area_cap
+
+    try:
+        return parse_area_cap(v)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("models")
     g.add_argument("--backend", choices=("auto", "rag-sam2", "litemedsam"), default="auto",
@@ -32,6 +41,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--location-prior", type=int, default=defaults.LOCATION_PRIOR,
                    help="litemedsam: grid cells (4 px at 256) a region may lie from the supports' structure; "
                         "-1 disables (default: %(default)s)")
+    g.add_argument("--area-cap", type=_area_cap, default=defaults.REGION_AREA_CAP,
+                   help="litemedsam: a region keeps at most this multiple of the supports' structure area "
+                        "(most foreground-like cells first; e.g. 1.5); 'none' or 0: off (default: %(default)s)")
     g.add_argument("--max-regions", type=int, default=defaults.MAX_REGIONS,
                    help="litemedsam: box prompts per label and slice (more for lesions; default: %(default)s)")
     g.add_argument("--sam2", default="sam2.1-hiera-tiny",
@@ -59,7 +71,7 @@ def _model_config(a: argparse.Namespace):
               file=sys.stderr)
     return ModelConfig(backend=a.backend, retrieval=a.retrieval, decoder=a.decoder,
                        location_prior=None if a.location_prior < 0 else a.location_prior,
-                       max_regions=a.max_regions, sam2=a.sam2, dinov2=a.dinov2, pooling=a.pooling, image_size=a.image_size,
+                       max_regions=a.max_regions, area_cap=a.area_cap, sam2=a.sam2, dinov2=a.dinov2, pooling=a.pooling, image_size=a.image_size,
                        device=a.device, memory_cache=a.memory_cache, random_weights=a.random_weights_for_testing,
                        sam2_variant=a.sam2_variant)
 
@@ -272,6 +284,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
                      methods=[m.strip() for m in a.methods.split(",") if m.strip()], modality=a.modality,
                      ct_window=a.ct_window, axis=a.axis, backend=a.backend, retrieval=a.retrieval,
                      location_prior=None if a.location_prior < 0 else a.location_prior, max_regions=a.max_regions,
+                     area_cap=a.area_cap,
                      finetune_epochs=a.finetune_epochs, baseline_iters=a.baseline_iters,
                      baseline_time_s=a.baseline_time, keep_largest=not a.no_keep_largest,
                      save_predictions=a.save_predictions, figures=not a.no_figures, image_suffix=a.image_suffix,
@@ -303,7 +316,8 @@ def cmd_finetune(a: argparse.Namespace) -> int:
     else:
         adapter = LiteMedSamAdapter(models.lite())
     res = train_decoder(items, adapter, _preprocess(a), a.out, labels=_ints("--classes", a.classes) or None,
-                        epochs=a.epochs, lr=a.lr, k=a.k, use_box=not a.no_box, seed=a.seed, progress=True)
+                        epochs=a.epochs, lr=a.lr, k=a.k, use_box=not a.no_box, seed=a.seed, progress=True,
+                        location_prior=cfg.location_prior, area_cap=cfg.area_cap)
     per_epoch = np.mean([h["seconds"] for h in res.history])
     print(json.dumps({"output": a.out, "epochs": len(res.history), "best_epoch": res.best_epoch,
                       "best_metric": round(res.best_metric, 4), "averaged_epochs": res.averaged, "first_loss": round(res.history[0]["loss"], 4),

@@ -62,6 +62,12 @@ FEATURE_CACHE_BYTES = 1 << 30  # query-slice encoder features kept across reques
 # --- LiteMedSAM backend and prototype prompts ------------------------------------------------------
 APART_FRACTION = 0.1  # labels touching in at most this fraction of the slices with both lie "apart"
 LOCATION_PRIOR = 2  # embedding cells a query region may lie from the supports' structure (None: off)
+# A coarse region may keep at most a multiple of the supports' structure area (most foreground-like
+# cells first). Training-free, 4 labeled patients, no cap -> 1.5x: hippocampus 0.506 -> 0.630,
+# CT 0.783 -> 0.789, but ACDC 0.514 -> 0.455 and MS 0.065 -> 0.034; choosing the factor on the
+# supports (leave one out) gave hippocampus 0.524, ACDC 0.477. So off by default, an option for
+# structures whose surroundings look like them (docs/results.md, "Region size cap").
+REGION_AREA_CAP: float | None = None  # a factor, or None (off)
 MAX_REGIONS = 1  # coarse regions prompted per label and slice (one box each); more for lesions
 LITEMEDSAM_POOL = 4  # retrieval embedding = LiteMedSAM embedding average-pooled to this grid
 LITEMEDSAM_ENCODE_BATCH = 1  # TinyViT on CPU is fastest per slice at batch 1 (measured, #4)

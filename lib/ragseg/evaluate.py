@@ -102,6 +102,7 @@ class EvalConfig:
     retrieval: str = "auto"
     location_prior: int | None = defaults.LOCATION_PRIOR
     max_regions: int = defaults.MAX_REGIONS
+    area_cap: float | None = defaults.REGION_AREA_CAP
     finetune_epochs: int = defaults.FINETUNE_EPOCHS
     keep_largest: bool = defaults.KEEP_LARGEST_COMPONENT  # one-structure labels: largest 3D component only
     baseline_iters: int = defaults.BASELINE_MAX_ITERS  # unet / dynunet: iteration cap
@@ -292,6 +293,7 @@ class Harness:
         self.pre = Preprocess(axis=cfg.axis, modality=cfg.modality, ct_window=cfg.ct_window)
         self.models = ModelSet(ModelConfig(backend=cfg.backend, retrieval=cfg.retrieval,
                                            location_prior=cfg.location_prior, max_regions=cfg.max_regions,
+                                           area_cap=cfg.area_cap,
                                            image_size=cfg.image_size, random_weights=cfg.random_weights,
                                            sam2_variant=cfg.sam2_variant))
         if self.models.backend == "litemedsam" or {"finetuned", "gt-box"} & set(cfg.methods):
@@ -481,12 +483,13 @@ class Harness:
         sl = [s.slices[z] for s, z in case.pool]  # any in-plane sizes
         lb = [s.labels[z] for s, z in case.pool]
         ts = build_training_set(adapter, sl, lb, self.labels, groups=[s.group or s.id for s, _ in case.pool])
-        dec = PrototypeDecoder(adapter, location_prior=self.cfg.location_prior)
+        dec = PrototypeDecoder(adapter, location_prior=self.cfg.location_prior, area_cap=self.cfg.area_cap)
         res = finetune(dec, ts, epochs=self.cfg.finetune_epochs, seed=case.seed)
         logger.info("%s: fine-tuned decoder, best train Dice %.3f at epoch %d (%.1f s/epoch)", case.name,
                     res.best_metric, res.best_epoch, np.mean([h["seconds"] for h in res.history]))
         eng = LiteMedSamEngine(self.models.lite(), cache=SupportMemoryCache(item_type=SupportEmbedding), decoder=dec,
-                               location_prior=self.cfg.location_prior, max_regions=self.cfg.max_regions)
+                               location_prior=self.cfg.location_prior, max_regions=self.cfg.max_regions,
+                               area_cap=self.cfg.area_cap)
         return eng, res
 
     def baseline(self, case: Case, arch: str) -> np.ndarray:

@@ -41,6 +41,7 @@ class ModelConfig:
     decoder: folder of a fine-tuned prototype decoder for the litemedsam backend (None: training-free).
     location_prior: grid cells around the supports' structure a prototype region may lie in (None: off).
     max_regions: prototype regions (box prompts) per label and slice.
+    area_cap: a prototype region keeps at most this multiple of the supports' structure area (None: off).
     sam2: registry name ('sam2.1-hiera-tiny'...) or path to an official SAM 2.1 ``.pt``.
     sam2_variant: config used with random weights ('hiera_t', 'hiera_s', 'hiera_b+', 'hiera_l').
     dinov2: registry name ('dinov2-small'...), Hugging Face hub id, or local model directory.
@@ -56,6 +57,7 @@ class ModelConfig:
     decoder: str | None = None
     location_prior: int | None = defaults.LOCATION_PRIOR
     max_regions: int = defaults.MAX_REGIONS
+    area_cap: float | None = defaults.REGION_AREA_CAP
     sam2: str = "sam2.1-hiera-tiny"
     sam2_variant: str = "hiera_t"
     dinov2: str = "dinov2-small"
@@ -185,7 +187,7 @@ class ModelSet:
         cache = SupportMemoryCache(Path(self.cfg.memory_cache) / "litemedsam" if self.cfg.memory_cache else None,
                                    item_type=SupportEmbedding)
         return LiteMedSamEngine(lite, cache=cache, decoder=dec, location_prior=self.cfg.location_prior,
-                                max_regions=self.cfg.max_regions)
+                                max_regions=self.cfg.max_regions, area_cap=self.cfg.area_cap)
 
 
 def set_threads(n: int | None = None) -> None:

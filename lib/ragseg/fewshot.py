@@ -45,6 +45,7 @@ from .prototypes import (
     mask_grid,
     masked_prototypes,
     region_box,
+    region_cell_cap,
 )
 
 logger = logging.getLogger(__name__)
@@ -153,16 +154,21 @@ class PrototypeDecoder(nn.Module):
             through the engine, at inference: a list of competing label-value pairs, True (every
             pair) or False (none). None: :func:`finetune` takes the pairs that lie apart in the
             labeled pool (:func:`ragseg.prototypes.apart_pairs`).
+        area_cap: a box's region keeps at most this multiple of the supports' structure area
+            (:func:`ragseg.prototypes.region_cell_cap`); None: off. The engine serves the decoder
+            with the cap it was trained with.
     """
 
     def __init__(self, adapter: DecoderAdapter, *, use_box: bool = True,
                  location_prior: int | None = defaults.LOCATION_PRIOR,
-                 exclusive: bool | list[tuple[int, int]] | None = None):
+                 exclusive: bool | list[tuple[int, int]] | None = None,
+                 area_cap: float | None = defaults.REGION_AREA_CAP):
         super().__init__()
         object.__setattr__(self, "adapter", adapter)  # not a submodule: its weights are not ours
         self.use_box = use_box
         self.location_prior = location_prior
         self.exclusive = exclusive
+        self.area_cap = area_cap
         self.decoder = copy.deepcopy(adapter.mask_decoder)
         c = adapter.embed_dim
         self.proj = nn.Linear(c, c)  # starts as identity: the untrained model is the paper's zero-shot
@@ -209,7 +215,8 @@ class PrototypeDecoder(nn.Module):
         prior = location_prior(support_grid_masks, self.location_prior)
         if allowed is not None:
             prior = allowed if prior is None else prior & allowed
-        regions = coarse_regions(query_emb, *protos, prior, max_regions=max_regions)
+        regions = coarse_regions(query_emb, *protos, prior, max_regions=max_regions,
+                                 max_cells=region_cell_cap(support_grid_masks, self.area_cap))
         if not regions:
             return None
         return protos[0], protos[1], [region_box(r, self.adapter.input_size) for r in regions]
@@ -220,7 +227,8 @@ class PrototypeDecoder(nn.Module):
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         man = {"format": FORMAT_VERSION, "backbone": self.adapter.backbone_id, "use_box": self.use_box,
-               "location_prior": self.location_prior, "exclusive": self.exclusive, **manifest}
+               "location_prior": self.location_prior, "exclusive": self.exclusive, "area_cap": self.area_cap,
+               **manifest}
         _atomic_write(d / WEIGHTS, lambda f: torch.save(self.state_dict(), f))
         _atomic_write(d / MANIFEST, lambda f: f.write(json.dumps(man, indent=2, default=str).encode()))
         return d
@@ -242,7 +250,9 @@ class PrototypeDecoder(nn.Module):
                               f"not {adapter.backbone_id!r}")
         ex = man.get("exclusive", False)
         ex = [tuple(int(v) for v in p) for p in ex] if isinstance(ex, list) else bool(ex)
-        dec = cls(adapter, use_box=bool(man["use_box"]), location_prior=man.get("location_prior"), exclusive=ex)
+        # decoders saved before the size cap existed were trained without one
+        dec = cls(adapter, use_box=bool(man["use_box"]), location_prior=man.get("location_prior"), exclusive=ex,
+                  area_cap=man.get("area_cap"))
         try:
             state = torch.load(d / WEIGHTS, map_location="cpu", weights_only=True)
             dec.load_state_dict(state, strict=True)

@@ -203,6 +203,9 @@ class LiteMedSamEngine:
         decoder: a fine-tuned prototype decoder for this backbone, or None.
         location_prior: grid cells around the supports' structure where regions may lie (None: off).
         max_regions: regions (boxes) per label and slice; their masks are merged (lesions: > 1).
+        area_cap: a region keeps at most this multiple of the supports' structure area
+            (:func:`ragseg.prototypes.region_cell_cap`); None: off. A fine-tuned decoder brings its
+            own (the cap it was trained with) and that one is used with it.
         decode_batch: (query, label, region) items per decoder call.
     """
 
@@ -210,11 +213,13 @@ class LiteMedSamEngine:
 
     def __init__(self, lite: LiteMedSAM, *, cache: SupportMemoryCache | None = None,
                  decoder: torch.nn.Module | None = None, location_prior: int | None = defaults.LOCATION_PRIOR,
-                 max_regions: int = defaults.MAX_REGIONS, decode_batch: int = 16):
+                 max_regions: int = defaults.MAX_REGIONS, area_cap: float | None = defaults.REGION_AREA_CAP,
+                 decode_batch: int = 16):
         self.lite = lite
         self.cache = cache if cache is not None else SupportMemoryCache(item_type=SupportEmbedding)
         self.location_prior = location_prior
         self.max_regions = max(1, int(max_regions))
+        self.area_cap = area_cap
         self.decode_batch = max(1, int(decode_batch))
         self.set_decoder(decoder)
 
@@ -275,11 +280,19 @@ class LiteMedSamEngine:
         from tqdm import tqdm
 
         from .fewshot import competing_pairs
-        from .prototypes import coarse_regions, exclusive_cells, location_prior, masked_prototypes, region_box
+        from .prototypes import (
+            coarse_regions,
+            exclusive_cells,
+            location_prior,
+            masked_prototypes,
+            region_box,
+            region_cell_cap,
+        )
         from .volume import resize_logits
 
         tm = timings if timings is not None else {}
         decoder = self.decoder  # one decoder for the whole request, even if another is swapped in meanwhile
+        cap = getattr(decoder, "area_cap", None) if decoder is not None else self.area_cap
         n, H, W = queries.shape
         L = len(supports)
         distinct: dict[str, Support] = {}
@@ -320,7 +333,8 @@ class LiteMedSamEngine:
                 prior = location_prior(gm, self.location_prior)
                 if li in owner:
                     prior = owner[li] if prior is None else prior & owner[li]
-                for r in coarse_regions(q, fg, bg, prior, max_regions=self.max_regions):
+                for r in coarse_regions(q, fg, bg, prior, max_regions=self.max_regions,
+                                        max_cells=region_cell_cap(gm, cap)):
                     items.append((li, fg, bg, region_box(r, IMAGE_SIZE)))
             low = torch.full((L, 1, IMAGE_SIZE, IMAGE_SIZE), -1024.0)
             for s in range(0, len(items), self.decode_batch):

@@ -7,7 +7,8 @@ start here, on image-encoder embeddings ``[C, g, g]``:
 * :func:`masked_prototypes`: foreground / background prototypes = mean support embedding
   under / outside the masks (Xie et al.: masked image-embedding prototypes);
 * :func:`coarse_regions`: query positions closer (cosine) to the foreground prototype, limited to
-  where the supports' structure lies (:func:`location_prior`), as connected regions;
+  where the supports' structure lies (:func:`location_prior`) and to about the supports' structure
+  size when asked (:func:`region_cell_cap`), as connected regions;
 * :func:`region_box`: the box prompt of a region in the decoder's input frame.
 """
 
@@ -52,6 +53,19 @@ def location_prior(masks: torch.Tensor, dilate: int | None = defaults.LOCATION_P
 
     prior = (masks > 0).any(0).cpu().numpy()
     return ndimage.binary_dilation(prior, iterations=dilate) if dilate > 0 else prior
+
+
+def region_cell_cap(masks: torch.Tensor, factor: float | None) -> int | None:
+    """Most grid cells a query's coarse region may take: ``factor`` times the mean structure area
+    of the supports (``masks`` [k, g, g] area fractions); None = no cap.
+
+    Where the whole neighbourhood of a structure looks like it (hippocampus in a tight crop), the
+    cells merely closer to the foreground prototype than to the background one can cover several
+    times the structure, and their box then says little about where it is.
+    """
+    if factor is None or float(factor) <= 0 or len(masks) == 0:
+        return None
+    return max(1, int(round(factor * float(masks.float().sum()) / len(masks))))
 
 
 def similarity_map(query_emb: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor) -> torch.Tensor:
@@ -114,7 +128,7 @@ def apart_pairs(label_maps: torch.Tensor | np.ndarray, values: list[int],
 
 
 def coarse_regions(query_emb: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor, prior: np.ndarray | None = None,
-                   *, max_regions: int = 1, min_cells: int = 1) -> list[np.ndarray]:
+                   *, max_regions: int = 1, min_cells: int = 1, max_cells: int | None = None) -> list[np.ndarray]:
     """Connected foreground-like regions of the query ([g, g] bool each), largest first.
 
     Args:
@@ -122,18 +136,41 @@ def coarse_regions(query_emb: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor, 
         prior: [g, g] bool: keep only cells inside (see :func:`location_prior`).
         max_regions: how many regions to return (1 for one organ; more for lesions).
         min_cells: drop regions smaller than this many grid cells.
+        max_cells: keep at most about this many foreground-like cells, the most foreground-like
+            first (ties kept), before splitting into regions (see :func:`region_cell_cap`).
     """
+    return _regions(similarity_map(query_emb, fg, bg).cpu().numpy(), prior, max_regions, min_cells, max_cells)
+
+
+def _regions(sim: np.ndarray, prior: np.ndarray | None, max_regions: int, min_cells: int,
+             max_cells: int | None) -> list[np.ndarray]:
     from scipy import ndimage
 
-    coarse = (similarity_map(query_emb, fg, bg) > 0).cpu().numpy()
+    coarse = sim > 0
     if prior is not None:
         coarse &= prior
+    if max_cells is not None and int(coarse.sum()) > max_cells:
+        coarse &= sim >= np.sort(sim[coarse])[-max_cells]
     lab, n = ndimage.label(coarse)
     if n == 0:
         return []
     sizes = np.asarray(ndimage.sum(coarse, lab, range(1, n + 1)))
     order = [int(i) for i in np.argsort(-sizes, kind="stable") if sizes[i] >= min_cells][:max_regions]
     return [lab == (i + 1) for i in order]
+
+
+def parse_area_cap(value: object) -> float | None:
+    """A user's cap: a positive factor, or "none" / "off" / 0 (off); ValueError otherwise."""
+    v = str(value).strip().lower()
+    if v in ("none", "off", ""):
+        return None
+    try:
+        x = float(v)
+    except ValueError:
+        raise ValueError(f"area cap must be 'none' or a factor >= 0, got {value!r}") from None
+    if not np.isfinite(x) or x < 0:
+        raise ValueError(f"area cap must be 'none' or a factor >= 0, got {value!r}")
+    return x if x > 0 else None
 
 
 def region_box(region: np.ndarray, input_size: int) -> torch.Tensor:
@@ -145,8 +182,8 @@ def region_box(region: np.ndarray, input_size: int) -> torch.Tensor:
 
 
 def prototype_box(query_emb: torch.Tensor, support_embs: torch.Tensor, support_masks: torch.Tensor,
-                  location_prior_cells: int | None = defaults.LOCATION_PRIOR, input_size: int = 256
-                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
+                  location_prior_cells: int | None = defaults.LOCATION_PRIOR, input_size: int = 256,
+                  area_cap: float | None = defaults.REGION_AREA_CAP) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Training-free box prompt from supports: (box, coarse region [g, g]) or None.
 
     ``support_masks`` are full-resolution [k, H, W]; see the module docstring for the steps.
@@ -159,7 +196,8 @@ def prototype_box(query_emb: torch.Tensor, support_embs: torch.Tensor, support_m
     protos = masked_prototypes(support_embs, m)
     if protos is None:
         return None
-    regions = coarse_regions(query_emb, *protos, location_prior(m, location_prior_cells))
+    regions = coarse_regions(query_emb, *protos, location_prior(m, location_prior_cells),
+                             max_cells=region_cell_cap(m, area_cap))
     if not regions:
         return None
     return region_box(regions[0], input_size), torch.from_numpy(regions[0])

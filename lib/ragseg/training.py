@@ -57,6 +57,8 @@ def train_decoder(items: Sequence[LabeledVolume], adapter: DecoderAdapter, pre: 
                   epochs: int = defaults.FINETUNE_EPOCHS, lr: float = defaults.FINETUNE_LR,
                   k: int = defaults.DEFAULT_K, use_box: bool = True, seed: int = 0,
                   max_episodes: int | None = defaults.FINETUNE_MAX_EPISODES, progress: bool = False,
+                  location_prior: int | None = defaults.LOCATION_PRIOR,
+                  area_cap: float | None = defaults.REGION_AREA_CAP,
                   on_epoch: Callable[[int, dict], bool | None] | None = None) -> TrainResult:
     """Fine-tune a prototype decoder on the labeled slices of ``items`` and save it to ``out_dir``."""
     t0 = time.perf_counter()
@@ -67,7 +69,7 @@ def train_decoder(items: Sequence[LabeledVolume], adapter: DecoderAdapter, pre: 
     # one image = one patient: episodes take supports from other images, as when a new one is segmented
     ts = build_training_set(adapter, slices, labs, labels, groups=images)
     logger.info("encoded %d labeled slices in %.1f s", len(ts), ts.encode_s)
-    dec = PrototypeDecoder(adapter, use_box=use_box)
+    dec = PrototypeDecoder(adapter, use_box=use_box, location_prior=location_prior, area_cap=area_cap)
     res = finetune(dec, ts, epochs=epochs, lr=lr, k=k, seed=seed, max_episodes=max_episodes, progress=progress,
                    on_epoch=on_epoch)
     names = names or {}

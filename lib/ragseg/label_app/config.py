@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .. import defaults
 from ..errors import RagsegError
+from ..prototypes import parse_area_cap
 
 # keys MONAI Label or its endpoints read from conf; accepted and left to them
 PASSTHROUGH_KEYS = {"server_mode", "preload", "skip_trainers", "skip_strategies", "skip_scoring", "epistemic_enabled"}
@@ -90,6 +91,7 @@ class AppConfig:
     decoder: str = "auto"  # 'auto' (the app's trained decoder if any), 'none', or a decoder folder
     location_prior: int | None = defaults.LOCATION_PRIOR
     max_regions: int = defaults.MAX_REGIONS
+    area_cap: float | None = defaults.REGION_AREA_CAP
     sam2_checkpoint: str = "sam2.1-hiera-tiny"
     sam2_variant: str = "hiera_t"
     dinov2: str = "dinov2-small"
@@ -132,6 +134,11 @@ class AppConfig:
             elif key == "location_prior":
                 n = _number(key, v, -1, 64)
                 val = None if n < 0 else n
+            elif key == "area_cap":
+                try:
+                    val = parse_area_cap(v)
+                except ValueError as e:
+                    raise ConfigError(f"--conf area_cap: {e}") from None
             elif key == "max_regions":
                 val = _number(key, v, 1, 64)
             elif key == "sam2_variant":

@@ -118,7 +118,8 @@ class DecoderTrainTask(TrainTask):
         try:
             res = train_decoder(items, LiteMedSamAdapter(lite), self.c.pre, tmp, labels=labels,
                                 names={v: n for n, v in self.label_names().items()}, epochs=epochs, lr=lr, k=k,
-                                use_box=use_box, seed=seed, max_episodes=max_ep, on_epoch=on_epoch)
+                                use_box=use_box, seed=seed, max_episodes=max_ep, on_epoch=on_epoch,
+                                location_prior=self.c.cfg.location_prior, area_cap=self.c.cfg.area_cap)
             # swap the folder in: the infer side watches manifest.json, written last inside tmp
             old = self.out_dir.with_name(f".{self.name}.old")
             shutil.rmtree(old, ignore_errors=True)
