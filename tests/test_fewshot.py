@@ -241,6 +241,71 @@ def test_episodes_take_supports_from_other_patients():
     assert {0, 2} <= set(e.supports)
 
 
+def test_retrieved_episodes_draw_the_slices_most_like_the_query():
+    """A retrieved-like episode's supports are the other patients' slices most like its query
+    (here: the same level of the structure), as retrieval serves them; random ones are not."""
+    from ragseg.fewshot import TrainingSet, make_episodes
+
+    class _Adapter:
+        input_size = 32
+
+    class _Decoder:
+        use_box = False
+        exclusive = False
+        adapter = _Adapter()
+
+        def prompt(self, query_emb, support_embs, support_masks, allowed=None):
+            return torch.zeros(16), torch.zeros(16), torch.zeros(1, 4)
+
+    g = torch.Generator().manual_seed(0)
+    n_pat, levels = 3, 6
+    look = torch.randn(levels, 16, 8, 8, generator=g)  # what each level of the structure looks like
+    emb = torch.cat([look + 0.1 * torch.randn(levels, 16, 8, 8, generator=g) for _ in range(n_pat)])
+    level = [z for _ in range(n_pat) for z in range(levels)]
+    groups = [str(p) for p in range(n_pat) for _ in range(levels)]
+    n = len(level)
+    gm = torch.zeros(n, 1, 8, 8)
+    gm[:, 0, 2:5, 2:5] = 1.0
+    ts = TrainingSet({"embed": emb}, gm, torch.zeros(n, 1, 32, 32, dtype=torch.bool), [1], groups=groups)
+    assert ts.similarity().shape == (n, n)
+
+    def same_level(eps):
+        return np.mean([level[s] == level[e.query] for e in eps for s in e.supports])
+
+    like = make_episodes(_Decoder(), ts, k=1, rng=np.random.default_rng(0), retrieved=1.0, retrieved_pool=2)
+    assert len(like) == n
+    for e in like:
+        assert groups[e.supports[0]] != groups[e.query]
+    assert same_level(like) == 1.0
+    rand = [e for s in range(5) for e in make_episodes(_Decoder(), ts, k=1, rng=np.random.default_rng(s))]
+    assert same_level(rand) < 0.5
+    half = [e for s in range(5) for e in make_episodes(_Decoder(), ts, k=1, rng=np.random.default_rng(s),
+                                                         retrieved=0.5, retrieved_pool=2)]
+    assert same_level(rand) + 0.2 < same_level(half) < 0.95
+
+
+def test_train_decoder_groups_frames_of_one_patient(tmp_path):
+    """Two frames of one heart (``patient001_frame01`` / ``_frame12``) are one patient when the
+    train task builds its episodes, so a frame is never the support of its twin; the manifest
+    keeps the patient count and the retrieved-episode share."""
+    from ragseg.fewshot import LiteMedSamAdapter
+    from ragseg.litemedsam import LiteMedSAM
+    from ragseg.pipeline import Preprocess, discover_pairs, patient_of
+    from ragseg.synthetic import make_subject, write_subject
+    from ragseg.training import train_decoder
+
+    assert patient_of("patient001_frame12") == "patient001" and patient_of("hippocampus_003") == "hippocampus_003"
+    for i, name in enumerate(["patient001_frame01", "patient001_frame12", "patient002_frame01", "patient002_frame09"]):
+        s = make_subject(40 + i, shape=(48, 48, 3))
+        write_subject(s, tmp_path / f"{name}.nii.gz", tmp_path / "labels" / f"{name}.nii.gz")
+    items = discover_pairs(tmp_path, tmp_path / "labels")
+    res = train_decoder(items, LiteMedSamAdapter(LiteMedSAM.random(seed=0)), Preprocess(modality="CT"),
+                        tmp_path / "dec", labels=[1], epochs=1, max_episodes=4, retrieved=1.0)
+    man = json.loads((tmp_path / "dec" / "manifest.json").read_text())
+    assert man["patients"] == 2 and man["retrieved_episodes"] == 1.0 and man["slices"] > 4
+    assert res.history and res.history[0]["episodes"] == 4
+
+
 def _lookalike_pool(n_patients: int = 3, per_patient: int = 2, seed: int = 0, gap: int = 8):
     """Embeddings [N, 256, 64, 64] of slices with two structures that look alike (one shared
     appearance plus a small label-specific part) and lie ``gap`` cells apart: a small A left of a

@@ -66,7 +66,8 @@ def test_train_task_through_the_server(server, tmp_path):
     server.wait_for(lambda i: i["ragseg"]["usable"] and i["ragseg"].get("index", {}).get("images") == 2, timeout=240)
     info = server.info()
     assert "ragseg_decoder" in info["trainers"]
-    status, body, _ = server.request("POST", "/train/ragseg_decoder", json_body={"epochs": 2, "max_episodes": 8})
+    status, body, _ = server.request("POST", "/train/ragseg_decoder", json_body={"epochs": 2, "max_episodes": 8,
+                                                                                 "retrieved_episodes": 0.5})
     assert status == 200, body
     end = time.time() + 600
     seen_running = None
@@ -85,6 +86,7 @@ def test_train_task_through_the_server(server, tmp_path):
     assert ts["state"] == "done"
     man = json.loads((server.studies / ".ragseg" / "decoders" / "ragseg_decoder" / "manifest.json").read_text())
     assert man["epochs"] == 2 and man["averaged_epochs"] == 1  # a 2-epoch run averages its second half
+    assert man["retrieved_episodes"] == 0.5  # the request's training parameter reached the training
     if seen_running is not None:  # what Slicer polls while it runs: no total_time yet
         assert "total_time" not in seen_running and seen_running["total_epochs"] == 2
     # the next request uses the fine-tuned decoder

@@ -22,6 +22,13 @@ from .errors import RagsegError
 logger = logging.getLogger("ragseg")
 
 
+def _share(v: str) -> float:
+    x = float(v)
+    if not 0.0 <= x <= 1.0:
+        raise argparse.ArgumentTypeError(f"a share between 0 and 1, not {v}")
+    return x
+
+
 def _area_cap(v: str):
     from .prototypes import parse_area_cap
 
@@ -285,7 +292,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
                      ct_window=a.ct_window, axis=a.axis, backend=a.backend, retrieval=a.retrieval,
                      location_prior=None if a.location_prior < 0 else a.location_prior, max_regions=a.max_regions,
                      area_cap=a.area_cap,
-                     finetune_epochs=a.finetune_epochs, baseline_iters=a.baseline_iters,
+                     finetune_epochs=a.finetune_epochs, finetune_retrieved=a.retrieved_episodes,
+                     baseline_iters=a.baseline_iters,
                      baseline_time_s=a.baseline_time, keep_largest=not a.no_keep_largest,
                      save_predictions=a.save_predictions, figures=not a.no_figures, image_suffix=a.image_suffix,
                      feature_cache=a.feature_cache, image_size=a.image_size,
@@ -317,7 +325,7 @@ def cmd_finetune(a: argparse.Namespace) -> int:
         adapter = LiteMedSamAdapter(models.lite())
     res = train_decoder(items, adapter, _preprocess(a), a.out, labels=_ints("--classes", a.classes) or None,
                         epochs=a.epochs, lr=a.lr, k=a.k, use_box=not a.no_box, seed=a.seed, progress=True,
-                        location_prior=cfg.location_prior, area_cap=cfg.area_cap)
+                        location_prior=cfg.location_prior, area_cap=cfg.area_cap, retrieved=a.retrieved_episodes)
     per_epoch = np.mean([h["seconds"] for h in res.history])
     print(json.dumps({"output": a.out, "epochs": len(res.history), "best_epoch": res.best_epoch,
                       "best_metric": round(res.best_metric, 4), "averaged_epochs": res.averaged, "first_loss": round(res.history[0]["loss"], 4),
@@ -436,6 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--methods", default="retrieved,random,finetuned,gt-box,unet,dynunet",
                     help="default: %(default)s")
     ev.add_argument("--finetune-epochs", type=int, default=defaults.FINETUNE_EPOCHS)
+    ev.add_argument("--retrieved-episodes", type=_share, default=defaults.FINETUNE_RETRIEVED, metavar="SHARE",
+                    help="share of fine-tuning episodes whose supports are the pool slices most like the query, "
+                         "as retrieval serves them (the rest random; default: %(default)s)")
     ev.add_argument("--baseline-iters", type=int, default=defaults.BASELINE_MAX_ITERS,
                     help="unet/dynunet: iteration cap (early stopping usually ends sooner; default: %(default)s)")
     ev.add_argument("--baseline-time", type=float, default=defaults.BASELINE_TIME_LIMIT_S, metavar="SECONDS",
@@ -463,6 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--k", type=int, default=defaults.DEFAULT_K, help="supports per training episode")
     ft.add_argument("--seed", type=int, default=0)
     ft.add_argument("--no-box", action="store_true", help="prototype tokens only (no coarse-region box)")
+    ft.add_argument("--retrieved-episodes", type=_share, default=defaults.FINETUNE_RETRIEVED, metavar="SHARE",
+                    help="share of fine-tuning episodes whose supports are the pool slices most like the query, "
+                         "as retrieval serves them (the rest random; default: %(default)s)")
     _model_args(ft)
     ft.set_defaults(func=cmd_finetune)
 

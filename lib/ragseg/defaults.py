@@ -80,6 +80,12 @@ BASELINE_TIME_LIMIT_S = 600.0  # wall-clock cap on one training
 BASELINE_VAL_EVERY = 50  # iterations between early-stopping validations
 BASELINE_PATIENCE = 10  # validations without improvement before stopping
 
+# --- patients ---------------------------------------------------------------------------------------
+# an image id's patient: the first group of this regex (ACDC: patient001_frame01 -> patient001), so
+# two frames of one heart are never on both sides of an evaluation nor support and query of one
+# training episode
+PATIENT_PATTERN = r"^(.+?)(?:_frame\d+)?$"
+
 # --- few-shot decoder fine-tuning ------------------------------------------------------------------
 # 50 epochs of 64 episodes: at 20 the training-episode Dice was still rising on both cross-patient
 # pools (ACDC, hippocampus); 50 fits the 10-minute budget for 4 ACDC patients on 2 CPU cores (522 s)
@@ -94,6 +100,10 @@ FINETUNE_SHIFT = 0  # training batches moved by up to this many embedding cells 
 # the mean of the last 10 epoch-end states beat the best-training-Dice epoch on held-out hippocampus
 # subjects by 0.023 over 3 seeds (0.701 vs 0.678; -0.008 / +0.038 / +0.040), equal on ACDC (2 seeds)
 FINETUNE_AVERAGE_LAST = 10  # decoder kept = mean of the last this many epochs' states (0: best epoch's)
+# served, a label's supports are the labeled slices most like the query; episodes drawn that way
+# (a share of them) teach the decoder the pairs it will see (docs/results.md, "retrieved-like")
+FINETUNE_RETRIEVED = 0.0  # share of episodes whose supports are drawn like retrieval (0: all random)
+FINETUNE_RETRIEVED_POOL = 2  # a retrieved-like draw takes k of the k x this most similar candidates
 
 # --- Ray scale-out (ragseg.scale) ------------------------------------------------------------------
 RAY_MAX_RETRIES = 3  # resubmissions of a volume whose worker process died

@@ -67,6 +67,7 @@ from .pipeline import (
     discover_pairs,
     logits_to_labels,
     open_index,
+    patient_of,
     sync_index,
 )
 from .volume import Volume, load_image, load_label, save_label, slice_spacing, slices_to_volume
@@ -75,7 +76,7 @@ logger = logging.getLogger(__name__)
 
 MODES = ("intra", "loso", "cross")
 METHODS = ("retrieved", "random", "finetuned", "gt-box", "unet", "dynunet")
-DEFAULT_GROUP_PATTERN = r"^(.+?)(?:_frame\d+)?$"  # ACDC: patientNNN_frameXX -> patientNNN
+DEFAULT_GROUP_PATTERN = defaults.PATIENT_PATTERN  # ACDC: patientNNN_frameXX -> patientNNN
 K_FREE = ("gt-box", "unet", "dynunet")  # methods that use no supports (k reported as 0)
 CSV_COLUMNS = ("case", "subject", "patient", "n_support", "seed", "method", "k", "class", "label", "dice", "hd95",
                "gt_voxels", "pred_voxels", "query_slices", "seconds")
@@ -104,6 +105,7 @@ class EvalConfig:
     max_regions: int = defaults.MAX_REGIONS
     area_cap: float | None = defaults.REGION_AREA_CAP
     finetune_epochs: int = defaults.FINETUNE_EPOCHS
+    finetune_retrieved: float = defaults.FINETUNE_RETRIEVED  # share of retrieved-like training episodes
     keep_largest: bool = defaults.KEEP_LARGEST_COMPONENT  # one-structure labels: largest 3D component only
     baseline_iters: int = defaults.BASELINE_MAX_ITERS  # unet / dynunet: iteration cap
     baseline_time_s: float = defaults.BASELINE_TIME_LIMIT_S  # unet / dynunet: wall-clock cap per training
@@ -178,8 +180,7 @@ def _load_subjects(cfg: EvalConfig, pre: Preprocess, progress: bool = False) -> 
         img = load_image(it.image_path)
         lab = load_label(it.label_path, like=img)
         sp = slice_spacing(img.affine, pre.axis_index)
-        m = re.match(cfg.group_pattern, it.image_id)
-        group = (m.group(1) if m and m.group(1) else it.image_id)
+        group = patient_of(it.image_id, cfg.group_pattern)
         out.append(Subject(it.image_id, pre.slices(img), pre.label_slices(lab).astype(np.int32), sp, img, group))
     return out
 
@@ -484,7 +485,7 @@ class Harness:
         lb = [s.labels[z] for s, z in case.pool]
         ts = build_training_set(adapter, sl, lb, self.labels, groups=[s.group or s.id for s, _ in case.pool])
         dec = PrototypeDecoder(adapter, location_prior=self.cfg.location_prior, area_cap=self.cfg.area_cap)
-        res = finetune(dec, ts, epochs=self.cfg.finetune_epochs, seed=case.seed)
+        res = finetune(dec, ts, epochs=self.cfg.finetune_epochs, seed=case.seed, retrieved=self.cfg.finetune_retrieved)
         logger.info("%s: fine-tuned decoder, best train Dice %.3f at epoch %d (%.1f s/epoch)", case.name,
                     res.best_metric, res.best_epoch, np.mean([h["seconds"] for h in res.history]))
         eng = LiteMedSamEngine(self.models.lite(), cache=SupportMemoryCache(item_type=SupportEmbedding), decoder=dec,

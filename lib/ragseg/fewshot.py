@@ -285,6 +285,19 @@ class TrainingSet:
     def __len__(self) -> int:
         return int(self.grid_masks.shape[0])
 
+    def similarity(self) -> torch.Tensor:
+        """[N, N] cosine similarity of the slices' embeddings average-pooled to a
+        ``defaults.LITEMEDSAM_POOL`` grid (the offline retrieval embedding); computed once."""
+        sim = getattr(self, "_similarity", None)
+        if sim is None or sim.shape[0] != len(self):
+            emb = self.feats["embed"]
+            v = torch.cat([F.adaptive_avg_pool2d(emb[i:i + 64].float(), defaults.LITEMEDSAM_POOL).flatten(1)
+                           for i in range(0, len(emb), 64)])
+            v = F.normalize(v, dim=1)
+            sim = v @ v.T
+            self._similarity = sim
+        return sim
+
 
 def build_training_set(adapter: DecoderAdapter, slices01: np.ndarray | Sequence[np.ndarray],
                        label_slices: np.ndarray | Sequence[np.ndarray], labels: Sequence[int],
@@ -345,9 +358,14 @@ class Episode:
 
 
 def make_episodes(dec: PrototypeDecoder, ts: TrainingSet, k: int, rng: np.random.Generator,
-                  jitter: float = 0.0) -> list[Episode]:
+                  jitter: float = 0.0, retrieved: float = 0.0,
+                  retrieved_pool: int = defaults.FINETUNE_RETRIEVED_POOL) -> list[Episode]:
     """One episode per (labeled slice, label): supports = up to k *other* slices with the label,
     from other patients than the query's when ``ts.groups`` names patients and others have it.
+
+    Supports are drawn at random among those candidates, or - for a ``retrieved`` share of the
+    queries - among the ``retrieved_pool`` x k candidates most like the query
+    (:meth:`TrainingSet.similarity`), as retrieval picks them when the decoder is served.
 
     The query's own mask never enters its prototypes (as at inference). Episodes where the label
     is absent on the query teach the decoder to answer "nothing" to a look-alike region.
@@ -357,12 +375,21 @@ def make_episodes(dec: PrototypeDecoder, ts: TrainingSet, k: int, rng: np.random
     present = ts.grid_masks.sum((2, 3)) > 0  # [N, L]
     have = [[int(i) for i in torch.nonzero(present[:, li])[:, 0]] for li in range(len(ts.labels))]
 
+    # per query, once for all its labels: whether its supports are drawn like retrieval
+    like = rng.random(len(ts)) < retrieved if retrieved > 0 else np.zeros(len(ts), bool)
+    sim = ts.similarity() if like.any() else None
+
     def draw(li: int, q: int) -> list[int] | None:
         others = [i for i in have[li] if i != q]
         if ts.groups is not None:
             foreign = [i for i in others if ts.groups[i] != ts.groups[q]]
             others = foreign or others
-        return sorted(rng.choice(others, size=min(k, len(others)), replace=False).tolist()) if others else None
+        if not others:
+            return None
+        if like[q]:
+            near = torch.argsort(sim[q, others], descending=True)[:max(1, retrieved_pool) * k]
+            others = [others[i] for i in near.tolist()]
+        return sorted(rng.choice(others, size=min(k, len(others)), replace=False).tolist())
 
     pairs = competing_pairs(dec.exclusive, ts.labels) if dec.use_box else set()
     exclusive = bool(pairs)
@@ -500,7 +527,7 @@ def finetune(dec: PrototypeDecoder, ts: TrainingSet, *, epochs: int = defaults.F
              lr: float = defaults.FINETUNE_LR, batch: int = defaults.FINETUNE_BATCH, k: int = defaults.DEFAULT_K,
              seed: int = 0, max_episodes: int | None = defaults.FINETUNE_MAX_EPISODES,
              shift: int = defaults.FINETUNE_SHIFT, average_last: int = defaults.FINETUNE_AVERAGE_LAST,
-             progress: bool = False,
+             retrieved: float = defaults.FINETUNE_RETRIEVED, progress: bool = False,
              on_epoch: Callable[[int, dict], bool | None] | None = None) -> TrainResult:
     """Train ``dec`` (decoder + projection; backbone frozen) on episodes from ``ts``.
 
@@ -509,6 +536,8 @@ def finetune(dec: PrototypeDecoder, ts: TrainingSet, *, epochs: int = defaults.F
     With ``shift`` > 0 each batch is moved by up to that many embedding cells in y and x
     (:func:`shift_batch`), so the decoder cannot tie a structure to where it lies in the few
     labeled patients.
+    ``retrieved``: the share of episodes whose supports are drawn like retrieval
+    (:func:`make_episodes`).
     A decoder built with ``exclusive=None`` first gets its competing label pairs from
     :func:`choose_exclusive`.
     The metric is the epoch's mean Dice over episodes whose query carries the label (before each
@@ -533,7 +562,7 @@ def finetune(dec: PrototypeDecoder, ts: TrainingSet, *, epochs: int = defaults.F
     dec.train()
     for ep in tqdm(range(1, epochs + 1), desc="fine-tuning decoder", disable=not progress, unit="epoch"):
         t0 = time.perf_counter()
-        eps = make_episodes(dec, ts, k, rng, jitter=defaults.FINETUNE_BOX_JITTER)
+        eps = make_episodes(dec, ts, k, rng, jitter=defaults.FINETUNE_BOX_JITTER, retrieved=retrieved)
         if not eps:
             raise RagsegError("no training episode: every label needs at least two labeled slices")
         order = rng.permutation(len(eps))[:max_episodes]

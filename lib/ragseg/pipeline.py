@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -78,6 +79,12 @@ class LabeledVolume:
     image_id: str
     image_path: str
     label_path: str
+
+
+def patient_of(image_id: str, pattern: str = defaults.PATIENT_PATTERN) -> str:
+    """The patient an image id belongs to: ``pattern``'s first group (the id itself if it does not match)."""
+    m = re.match(pattern, image_id)
+    return m.group(1) if m and m.group(1) else image_id
 
 
 def discover_pairs(images: str | Path, labels: str | Path | None = None, *, image_suffix: str = "",

@@ -19,7 +19,7 @@ from .fewshot import (
     data_checksum,
     finetune,
 )
-from .pipeline import LabeledVolume, Preprocess
+from .pipeline import LabeledVolume, Preprocess, patient_of
 from .volume import file_checksum, load_image, load_label
 
 logger = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ def train_decoder(items: Sequence[LabeledVolume], adapter: DecoderAdapter, pre: 
                   max_episodes: int | None = defaults.FINETUNE_MAX_EPISODES, progress: bool = False,
                   location_prior: int | None = defaults.LOCATION_PRIOR,
                   area_cap: float | None = defaults.REGION_AREA_CAP,
+                  retrieved: float = defaults.FINETUNE_RETRIEVED,
                   on_epoch: Callable[[int, dict], bool | None] | None = None) -> TrainResult:
     """Fine-tune a prototype decoder on the labeled slices of ``items`` and save it to ``out_dir``."""
     t0 = time.perf_counter()
@@ -66,19 +67,21 @@ def train_decoder(items: Sequence[LabeledVolume], adapter: DecoderAdapter, pre: 
     missing = [v for v in labels if not any((x == v).any() for x in labs)]
     if missing:
         raise RagsegError(f"labels {missing} have no labeled slice")
-    # one image = one patient: episodes take supports from other images, as when a new one is segmented
-    ts = build_training_set(adapter, slices, labs, labels, groups=images)
+    # episodes take supports from other patients (two frames of one heart are one), as when a new
+    # patient is segmented
+    ts = build_training_set(adapter, slices, labs, labels, groups=[patient_of(i) for i in images])
     logger.info("encoded %d labeled slices in %.1f s", len(ts), ts.encode_s)
     dec = PrototypeDecoder(adapter, use_box=use_box, location_prior=location_prior, area_cap=area_cap)
     res = finetune(dec, ts, epochs=epochs, lr=lr, k=k, seed=seed, max_episodes=max_episodes, progress=progress,
-                   on_epoch=on_epoch)
+                   retrieved=retrieved, on_epoch=on_epoch)
     names = names or {}
     dec.save(out_dir, {
         "labels": {names.get(v, f"label_{v}"): v for v in labels},
-        "data_checksum": data_checksum(ident), "slices": len(ts), "preprocess": pre.id,
+        "data_checksum": data_checksum(ident), "slices": len(ts), "patients": len(set(ts.groups or [])),
+        "preprocess": pre.id,
         "epochs": len(res.history), "best_epoch": res.best_epoch, "best_metric": res.best_metric,
         "averaged_epochs": res.averaged, "shift_cells": defaults.FINETUNE_SHIFT,
-        "lr": lr, "k": k, "seed": seed, "max_episodes": max_episodes, "encode_s": round(ts.encode_s, 2),
+        "lr": lr, "k": k, "seed": seed, "max_episodes": max_episodes, "retrieved_episodes": retrieved, "encode_s": round(ts.encode_s, 2),
         "train_s": round(time.perf_counter() - t0, 2), "history": res.history, "ragseg_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     })
