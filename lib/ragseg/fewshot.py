@@ -286,8 +286,9 @@ class TrainingSet:
         return int(self.grid_masks.shape[0])
 
     def similarity(self) -> torch.Tensor:
-        """[N, N] cosine similarity of the slices' embeddings average-pooled to a
-        ``defaults.LITEMEDSAM_POOL`` grid (the offline retrieval embedding); computed once."""
+        """[N, N] cosine similarity of the slices' ``embed`` features average-pooled to a
+        ``defaults.LITEMEDSAM_POOL`` grid; computed once. With LiteMedSAM this is the offline
+        retrieval embedding itself; with SAM 2 a stand-in for DINOv2's."""
         sim = getattr(self, "_similarity", None)
         if sim is None or sim.shape[0] != len(self):
             emb = self.feats["embed"]
