@@ -101,11 +101,11 @@ FINETUNE_SHIFT = 0  # training batches moved by up to this many embedding cells 
 # subjects by 0.023 over 3 seeds (0.701 vs 0.678; -0.008 / +0.038 / +0.040), equal on ACDC (2 seeds)
 FINETUNE_AVERAGE_LAST = 10  # decoder kept = mean of the last this many epochs' states (0: best epoch's)
 # served, a label's supports are the labeled slices most like the query; episodes drawn that way
-# teach the decoder the pairs it will see. All of them: hippocampus (4 labeled) 0.677 -> 0.761 over 2
-# seeds on one pool, 0.677 -> 0.748 on another; ACDC 0.798 -> 0.780 (2 seeds); half of them gave
-# hippocampus only 0.697 (docs/results.md, "Training episodes with retrieved-like supports")
+# teach the decoder the pairs it will see. All of them, 4 labeled, 2 fine-tuning seeds each:
+# hippocampus 0.677 -> 0.761 on one pool, 0.701 -> 0.747 on another; ACDC 0.798 -> 0.789; half of
+# them gave hippocampus only 0.697 (docs/results.md, "Training episodes with retrieved-like supports")
 FINETUNE_RETRIEVED = 1.0  # share of episodes whose supports are drawn like retrieval (0: all random)
-# 4 (more varied supports) gave ACDC 0.769 vs 0.775 with 2 (seed 0)
+# 4 (more varied supports) gave ACDC 0.769 vs 0.793 with 2 (seed 0)
 FINETUNE_RETRIEVED_POOL = 2  # a retrieved-like draw takes k of the k x this most similar candidates
 
 # --- Ray scale-out (ragseg.scale) ------------------------------------------------------------------
