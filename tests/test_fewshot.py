@@ -216,7 +216,7 @@ def test_episodes_take_supports_from_other_patients():
         exclusive = False
         adapter = _Adapter()
 
-        def prompt(self, query_emb, support_embs, support_masks, allowed=None):
+        def prompt(self, query_emb, support_embs, support_masks, **kw):
             return torch.zeros(16), torch.zeros(16), torch.zeros(1, 4)
 
     n = 12
@@ -255,7 +255,7 @@ def test_retrieved_episodes_draw_the_slices_most_like_the_query():
         exclusive = False
         adapter = _Adapter()
 
-        def prompt(self, query_emb, support_embs, support_masks, allowed=None):
+        def prompt(self, query_emb, support_embs, support_masks, **kw):
             return torch.zeros(16), torch.zeros(16), torch.zeros(1, 4)
 
     g = torch.Generator().manual_seed(0)
@@ -285,10 +285,49 @@ def test_retrieved_episodes_draw_the_slices_most_like_the_query():
     assert same_level(rand) + 0.2 < same_level(half) < 0.95
 
 
+def test_episodes_prompt_with_the_supports_prototypes_and_the_unit_query():
+    """make_episodes computes prototypes from per-slice sums and normalizes each query once; the
+    decoder must get what :func:`masked_prototypes` and ``F.normalize`` give for that episode."""
+    from ragseg.fewshot import TrainingSet, make_episodes
+    from ragseg.prototypes import masked_prototypes
+
+    class _Adapter:
+        input_size = 32
+
+    seen = []
+
+    class _Decoder:
+        use_box = True
+        exclusive = False
+        adapter = _Adapter()
+
+        def prompt(self, query_emb, support_embs, support_masks, protos=None, normalized=False, **kw):
+            seen.append((query_emb, normalized, support_masks))
+            return protos[0], protos[1], [torch.zeros(4)]
+
+    g = torch.Generator().manual_seed(0)
+    n = 10
+    emb = 3.0 * torch.randn(n, 16, 8, 8, generator=g)
+    gm = (torch.rand(n, 2, 8, 8, generator=g) > 0.6).float()
+    gm[3, 1] = 0.0  # label 2 absent on one slice: never its support
+    ts = TrainingSet({"embed": emb}, gm, torch.zeros(n, 2, 32, 32, dtype=torch.bool), [1, 2],
+                     groups=[f"p{i // 2}" for i in range(n)])
+    eps = make_episodes(_Decoder(), ts, k=3, rng=np.random.default_rng(0))
+    assert len(eps) == len(seen) == 2 * n  # every (slice, label); slice 3 as a query of an absent label
+    for e, (q, normalized, masks) in zip(eps, seen):
+        assert normalized
+        torch.testing.assert_close(q, torch.nn.functional.normalize(emb[e.query], dim=0))
+        assert torch.equal(masks, gm[e.supports, e.label_index])
+        fg, bg = masked_prototypes(emb[e.supports], gm[e.supports, e.label_index])
+        torch.testing.assert_close(e.fg, fg, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(e.bg, bg, rtol=1e-5, atol=1e-5)
+        assert 3 not in e.supports or e.label_index == 0
+
+
 def test_train_decoder_groups_frames_of_one_patient(tmp_path):
     """Two frames of one heart (``patient001_frame01`` / ``_frame12``) are one patient when the
     train task builds its episodes, so a frame is never the support of its twin; the manifest
-    keeps the patient count and the retrieved-episode share."""
+    keeps the patient count, the retrieved-episode share and the augmented copies."""
     from ragseg.fewshot import LiteMedSamAdapter
     from ragseg.litemedsam import LiteMedSAM
     from ragseg.pipeline import Preprocess, discover_pairs, patient_of
@@ -301,9 +340,11 @@ def test_train_decoder_groups_frames_of_one_patient(tmp_path):
         write_subject(s, tmp_path / f"{name}.nii.gz", tmp_path / "labels" / f"{name}.nii.gz")
     items = discover_pairs(tmp_path, tmp_path / "labels")
     res = train_decoder(items, LiteMedSamAdapter(LiteMedSAM.random(seed=0)), Preprocess(modality="CT"),
-                        tmp_path / "dec", labels=[1], epochs=1, max_episodes=4, retrieved=1.0)
+                        tmp_path / "dec", labels=[1], epochs=1, max_episodes=4, retrieved=1.0, augment=1)
     man = json.loads((tmp_path / "dec" / "manifest.json").read_text())
     assert man["patients"] == 2 and man["retrieved_episodes"] == 1.0 and man["slices"] > 4
+    # one augmented copy of every labeled slice was encoded with it (and kept its patient)
+    assert man["augmented_copies"] == 1 and man["training_slices"] == 2 * man["slices"]
     assert res.history and res.history[0]["episodes"] == 4
 
 

@@ -67,7 +67,8 @@ def test_train_task_through_the_server(server, tmp_path):
     info = server.info()
     assert "ragseg_decoder" in info["trainers"]
     status, body, _ = server.request("POST", "/train/ragseg_decoder", json_body={"epochs": 2, "max_episodes": 8,
-                                                                                 "retrieved_episodes": 0.5})
+                                                                                 "retrieved_episodes": 0.5,
+                                                                                 "augment_copies": 0})
     assert status == 200, body
     end = time.time() + 600
     seen_running = None
@@ -86,7 +87,9 @@ def test_train_task_through_the_server(server, tmp_path):
     assert ts["state"] == "done"
     man = json.loads((server.studies / ".ragseg" / "decoders" / "ragseg_decoder" / "manifest.json").read_text())
     assert man["epochs"] == 2 and man["averaged_epochs"] == 1  # a 2-epoch run averages its second half
-    assert man["retrieved_episodes"] == 0.5  # the request's training parameter reached the training
+    # the request's training parameters reached the training
+    assert man["retrieved_episodes"] == 0.5 and man["augmented_copies"] == 0
+    assert man["training_slices"] == man["slices"]
     if seen_running is not None:  # what Slicer polls while it runs: no total_time yet
         assert "total_time" not in seen_running and seen_running["total_epochs"] == 2
     # the next request uses the fine-tuned decoder

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from . import defaults
+from .augment import random_affine_intensity
 from .errors import RagsegError
 from .volume import resize_slices
 
@@ -87,28 +88,6 @@ def _build(arch: str, n_out: int, size: int) -> torch.nn.Module:
                    strides=strides, upsample_kernel_size=strides[1:], filters=filters, norm_name="instance",
                    act_name=("leakyrelu", {"negative_slope": 0.01, "inplace": True}),
                    deep_supervision=True, deep_supr_num=2, res_block=False)
-
-
-def _augment(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random rotation (+-15 deg), scale (0.85-1.15), translation (+-10%), intensity scale/shift/gamma."""
-    n = x.shape[0]
-    ang = torch.from_numpy(rng.uniform(-np.pi / 12, np.pi / 12, n)).float()
-    sc = torch.from_numpy(rng.uniform(0.85, 1.15, n)).float()
-    tr = torch.from_numpy(rng.uniform(-0.1, 0.1, (n, 2))).float()
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0] = torch.cos(ang) / sc
-    theta[:, 0, 1] = -torch.sin(ang) / sc
-    theta[:, 1, 0] = torch.sin(ang) / sc
-    theta[:, 1, 1] = torch.cos(ang) / sc
-    theta[:, :, 2] = tr
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    y = F.grid_sample(y.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False).long()
-    gamma = torch.from_numpy(np.exp(rng.uniform(-0.3, 0.3, n))).float().view(n, 1, 1, 1)
-    x = x.clamp(0, 1) ** gamma
-    x = x * torch.from_numpy(rng.uniform(0.9, 1.1, n)).float().view(n, 1, 1, 1) \
-        + torch.from_numpy(rng.uniform(-0.05, 0.05, n)).float().view(n, 1, 1, 1)
-    return x, y
 
 
 def _split(groups: Sequence[str], fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -219,7 +198,7 @@ def train_baseline(pool: Sequence[tuple[np.ndarray, np.ndarray]], labels: Sequen
             for g in opt.param_groups:
                 g["lr"] = base_lr * (1 - it / cfg.max_iters) ** 0.9
         pick, cls = _sample(holders, present, cfg.batch, rng)
-        xb, yb = _augment(x[pick], y[pick], rng)
+        xb, yb = random_affine_intensity(x[pick], y[pick], rng)
         if patch < S:
             # patches centred on the item's class for a third of the batch (nnU-Net's foreground
             # oversampling), anywhere for the rest

@@ -29,6 +29,16 @@ def _share(v: str) -> float:
     return x
 
 
+def _count(v: str) -> int:
+    try:
+        x = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a whole number >= 0, not {v}") from None
+    if x < 0:
+        raise argparse.ArgumentTypeError(f"a whole number >= 0, not {v}")
+    return x
+
+
 def _area_cap(v: str):
     from .prototypes import parse_area_cap
 
@@ -293,6 +303,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
                      location_prior=None if a.location_prior < 0 else a.location_prior, max_regions=a.max_regions,
                      area_cap=a.area_cap,
                      finetune_epochs=a.finetune_epochs, finetune_retrieved=a.retrieved_episodes,
+                     finetune_augment=a.augment_copies,
                      baseline_iters=a.baseline_iters,
                      baseline_time_s=a.baseline_time, keep_largest=not a.no_keep_largest,
                      save_predictions=a.save_predictions, figures=not a.no_figures, image_suffix=a.image_suffix,
@@ -325,7 +336,8 @@ def cmd_finetune(a: argparse.Namespace) -> int:
         adapter = LiteMedSamAdapter(models.lite())
     res = train_decoder(items, adapter, _preprocess(a), a.out, labels=_ints("--classes", a.classes) or None,
                         epochs=a.epochs, lr=a.lr, k=a.k, use_box=not a.no_box, seed=a.seed, progress=True,
-                        location_prior=cfg.location_prior, area_cap=cfg.area_cap, retrieved=a.retrieved_episodes)
+                        location_prior=cfg.location_prior, area_cap=cfg.area_cap, retrieved=a.retrieved_episodes,
+                        augment=a.augment_copies)
     per_epoch = np.mean([h["seconds"] for h in res.history])
     print(json.dumps({"output": a.out, "epochs": len(res.history), "best_epoch": res.best_epoch,
                       "best_metric": round(res.best_metric, 4), "averaged_epochs": res.averaged, "first_loss": round(res.history[0]["loss"], 4),
@@ -447,6 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--retrieved-episodes", type=_share, default=defaults.FINETUNE_RETRIEVED, metavar="SHARE",
                     help="share of fine-tuning episodes whose supports are the pool slices most like the query, "
                          "as retrieval serves them (the rest random; default: %(default)s)")
+    ev.add_argument("--augment-copies", type=_count, default=defaults.FINETUNE_AUGMENT, metavar="N",
+                    help="fine-tuning: augmented copies of each pool slice encoded with it (rotation, scale, "
+                         "shift, intensity; 0: none; default: %(default)s)")
     ev.add_argument("--baseline-iters", type=int, default=defaults.BASELINE_MAX_ITERS,
                     help="unet/dynunet: iteration cap (early stopping usually ends sooner; default: %(default)s)")
     ev.add_argument("--baseline-time", type=float, default=defaults.BASELINE_TIME_LIMIT_S, metavar="SECONDS",
@@ -477,6 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--retrieved-episodes", type=_share, default=defaults.FINETUNE_RETRIEVED, metavar="SHARE",
                     help="share of fine-tuning episodes whose supports are the pool slices most like the query, "
                          "as retrieval serves them (the rest random; default: %(default)s)")
+    ft.add_argument("--augment-copies", type=_count, default=defaults.FINETUNE_AUGMENT, metavar="N",
+                    help="augmented copies of each labeled slice encoded with it (rotation, scale, shift, "
+                         "intensity; 0: none; default: %(default)s)")
     _model_args(ft)
     ft.set_defaults(func=cmd_finetune)
 

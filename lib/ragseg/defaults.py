@@ -88,8 +88,9 @@ PATIENT_PATTERN = r"^(.+?)(?:_frame\d+)?$"
 
 # --- few-shot decoder fine-tuning ------------------------------------------------------------------
 # 50 epochs of 64 episodes: at 20 the training-episode Dice was still rising on both cross-patient
-# pools (ACDC, hippocampus); 50 fits the 10-minute budget for 4 ACDC patients on 2 CPU cores (522 s
-# on one machine; 640-646 s on a slower one with 4 episodes per step, 738-810 s with 8)
+# pools (ACDC, hippocampus); 40 cost hippocampus 0.755 -> 0.713 (ACDC 0.792 -> 0.787). 50 fits the
+# 10-minute budget for 4 ACDC patients on 2 CPU cores (522 s on one machine; 640-646 s on a slower
+# one before episodes normalized each slice once, 451 s there at 40 epochs after)
 FINETUNE_EPOCHS = 50
 FINETUNE_MAX_EPISODES = 64  # episodes per epoch at most (one step ~0.3 s per episode on 2 CPU threads)
 FINETUNE_LR = 1e-4
@@ -111,6 +112,13 @@ FINETUNE_AVERAGE_LAST = 10  # decoder kept = mean of the last this many epochs' 
 FINETUNE_RETRIEVED = 1.0  # share of episodes whose supports are drawn like retrieval (0: all random)
 # 4 (more varied supports) gave ACDC 0.769 vs 0.793 with 2 (seed 0)
 FINETUNE_RETRIEVED_POOL = 2  # a retrieved-like draw takes k of the k x this most similar candidates
+
+# augmented copies (rotation, scale, shift, intensity; ragseg.augment) of every labeled slice,
+# encoded once with the pool (~1.1 s per slice on 2 CPU threads). Off by default: one copy lifts
+# ACDC (4 labeled) to 0.820 / 0.813 over two seeds (0.792 / 0.783 without; 754 s with ~87 s of it
+# encoding the copies), but drops hippocampus to 0.687 (0.755 without; docs/results.md, "Augmented copies")
+FINETUNE_AUGMENT = 0
+FINETUNE_MAX_AUGMENT = 8  # what the train task accepts (each copy is one more encode per labeled slice)
 
 # --- Ray scale-out (ragseg.scale) ------------------------------------------------------------------
 RAY_MAX_RETRIES = 3  # resubmissions of a volume whose worker process died

@@ -196,17 +196,21 @@ class PrototypeDecoder(nn.Module):
     @torch.no_grad()
     def prompt(self, query_emb: torch.Tensor, support_embs: torch.Tensor | None, support_grid_masks: torch.Tensor,
                max_regions: int = 1, allowed: np.ndarray | None = None,
-               protos: tuple[torch.Tensor, torch.Tensor] | None = None
+               protos: tuple[torch.Tensor, torch.Tensor] | None = None, normalized: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]] | None:
         """Prototypes (fg, bg) and boxes (one per coarse region) for one query and label.
 
         ``allowed``: [g, g] bool, the cells this label's region may use (see
         :func:`ragseg.prototypes.exclusive_cells`). ``protos``: the supports' (fg, bg) prototypes when
-        already computed (``support_embs`` is then not read). Without ``use_box`` the box list holds
+        already computed (``support_embs`` is then not read). ``normalized``: ``query_emb`` is
+        unit-length along C (:meth:`TrainingSet.unit`); prototypes come from the raw
+        embeddings, so then ``protos`` must be given. Without ``use_box`` the box list holds
         one dummy entry. None: no prototype (empty support masks) or, with ``use_box``, no
         foreground-like region on the query.
         """
         if protos is None:
+            if normalized:
+                raise ValueError("a normalized query needs its supports' prototypes (protos)")
             protos = masked_prototypes(support_embs, support_grid_masks)
         if protos is None:
             return None
@@ -216,7 +220,7 @@ class PrototypeDecoder(nn.Module):
         if allowed is not None:
             prior = allowed if prior is None else prior & allowed
         regions = coarse_regions(query_emb, *protos, prior, max_regions=max_regions,
-                                 max_cells=region_cell_cap(support_grid_masks, self.area_cap))
+                                 max_cells=region_cell_cap(support_grid_masks, self.area_cap), normalized=normalized)
         if not regions:
             return None
         return protos[0], protos[1], [region_box(r, self.adapter.input_size) for r in regions]
@@ -299,6 +303,36 @@ class TrainingSet:
             self._similarity = sim
         return sim
 
+    def masked_sums(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per slice: ``embed`` summed under each label's grid mask [N, L, C], over all cells
+        [N, C], and the masks' areas [N, L]; computed once. A support set's prototypes are then sums
+        of rows, with no [k, C, g, g] copy per (query, label) (with such copies the heap fragmented
+        to 24 GB resident on a 168-slice pool)."""
+        sums = getattr(self, "_sums", None)
+        if sums is None or sums[0].shape[0] != len(self):
+            emb, gm = self.feats["embed"], self.grid_masks.float()
+            fg = torch.cat([torch.einsum("nchw,nlhw->nlc", emb[i:i + 64].float(), gm[i:i + 64])
+                            for i in range(0, len(self), 64)])
+            alls = torch.cat([emb[i:i + 64].float().sum((2, 3)) for i in range(0, len(self), 64)])
+            sums = self._sums = (fg, alls, gm.sum((2, 3)))
+        return sums
+
+    def embed_norms(self) -> torch.Tensor:
+        """[N, 1, g, g] length of each ``embed`` cell along C (clamped as ``F.normalize`` does);
+        computed once: every epoch's episodes compare each slice with prototypes, and the norm was
+        most of that. ``unit(i)`` divides by it: the same numbers as ``F.normalize``, without
+        keeping a second copy of the embeddings."""
+        norms = getattr(self, "_norms", None)
+        if norms is None or norms.shape[0] != len(self):
+            emb = self.feats["embed"]
+            norms = torch.cat([emb[i:i + 64].float().norm(2, dim=1, keepdim=True).clamp_min(1e-12)
+                               for i in range(0, len(emb), 64)])
+            self._norms = norms
+        return norms
+
+    def unit(self, i: int) -> torch.Tensor:
+        """Slice ``i``'s ``embed`` [C, g, g] scaled to unit length along C."""
+        return self.feats["embed"][i].float() / self.embed_norms()[i]
 
 def build_training_set(adapter: DecoderAdapter, slices01: np.ndarray | Sequence[np.ndarray],
                        label_slices: np.ndarray | Sequence[np.ndarray], labels: Sequence[int],
@@ -372,7 +406,6 @@ def make_episodes(dec: PrototypeDecoder, ts: TrainingSet, k: int, rng: np.random
     is absent on the query teach the decoder to answer "nothing" to a look-alike region.
     """
     out: list[Episode] = []
-    emb = ts.feats["embed"]
     present = ts.grid_masks.sum((2, 3)) > 0  # [N, L]
     have = [[int(i) for i in torch.nonzero(present[:, li])[:, 0]] for li in range(len(ts.labels))]
 
@@ -394,22 +427,17 @@ def make_episodes(dec: PrototypeDecoder, ts: TrainingSet, k: int, rng: np.random
 
     pairs = competing_pairs(dec.exclusive, ts.labels) if dec.use_box else set()
     exclusive = bool(pairs)
-    if exclusive:
-        # masked sums per slice and label, once: a support set's prototypes are then sums of rows,
-        # with no [k, C, g, g] copy per (query, label) (with two such passes per episode, the copies
-        # fragmented the heap to 24 GB resident on a 168-slice pool)
-        gm = ts.grid_masks.float()
-        fg_sum = torch.einsum("nchw,nlhw->nlc", emb.float(), gm)  # [N, L, C]
-        all_sum = emb.float().sum((2, 3))  # [N, C]
-        fg_w = gm.sum((2, 3))  # [N, L]
-        cells = gm.shape[-1] * gm.shape[-2]
+    fg_sum, all_sum, fg_w = ts.masked_sums()
+    cells = ts.grid_masks.shape[-1] * ts.grid_masks.shape[-2]
 
     def prototypes(sup: list[int], li: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """:func:`masked_prototypes` of the supports, from the set's per-slice sums."""
         w = fg_w[sup, li].sum()
         if float(w) <= 0:
             return None
         f = fg_sum[sup, li].sum(0)
         return f / w, (all_sum[sup].sum(0) - f) / (len(sup) * cells - w).clamp_min(1e-6)
+
     drawn: list[dict[int, list[int] | None]] = [{} for _ in range(len(ts))]  # query -> label -> supports
     owners: list[dict[int, np.ndarray]] = [{} for _ in range(len(ts))]
     if exclusive:  # as at inference: each label's region only where it beats the others' on the query
@@ -418,17 +446,16 @@ def make_episodes(dec: PrototypeDecoder, ts: TrainingSet, k: int, rng: np.random
                 drawn[q][li] = draw(li, q)
         for q, per in enumerate(drawn):
             protos = {li: prototypes(sup, li) for li, sup in per.items() if sup}
-            owners[q] = exclusive_cells(emb[q], {li: p[0] for li, p in protos.items() if p is not None}, pairs)
+            owners[q] = exclusive_cells(ts.unit(q), {li: p[0] for li, p in protos.items() if p is not None}, pairs,
+                                        normalized=True)
     for li in range(len(ts.labels)):
         for q in range(len(ts)):
             sup = drawn[q][li] if exclusive else draw(li, q)
             if sup is None:
                 continue
-            if exclusive:
-                pr = prototypes(sup, li)  # supports carry the label: never None
-                p = dec.prompt(emb[q], None, ts.grid_masks[sup, li], allowed=owners[q].get(li), protos=pr) if pr else None
-            else:
-                p = dec.prompt(emb[q], emb[sup], ts.grid_masks[sup, li])
+            pr = prototypes(sup, li)  # supports carry the label: never None
+            p = (dec.prompt(ts.unit(q), None, ts.grid_masks[sup, li], allowed=owners[q].get(li), protos=pr,
+                            normalized=True) if pr else None)
             if p is None:
                 continue
             fg, bg, boxes = p

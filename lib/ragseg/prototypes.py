@@ -68,27 +68,33 @@ def region_cell_cap(masks: torch.Tensor, factor: float | None) -> int | None:
     return max(1, int(round(factor * float(masks.float().sum()) / len(masks))))
 
 
-def similarity_map(query_emb: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor) -> torch.Tensor:
-    """cos(query, fg) - cos(query, bg) per grid cell: [g, g]; > 0 means foreground-like."""
-    q = F.normalize(query_emb.float(), dim=0)
+def similarity_map(query_emb: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor, *,
+                   normalized: bool = False) -> torch.Tensor:
+    """cos(query, fg) - cos(query, bg) per grid cell: [g, g]; > 0 means foreground-like.
+
+    ``normalized``: ``query_emb`` is already unit-length along C (normalizing a 256 x 64 x 64
+    embedding is most of this function's time; training normalizes each slice once).
+    """
+    q = query_emb.float() if normalized else F.normalize(query_emb.float(), dim=0)
     return (torch.einsum("chw,c->hw", q, F.normalize(fg.float(), dim=0))
             - torch.einsum("chw,c->hw", q, F.normalize(bg.float(), dim=0)))
 
 
 def exclusive_cells(query_emb: torch.Tensor, fgs: dict[int, torch.Tensor],
-                    pairs: set[frozenset[int]] | None = None) -> dict[int, np.ndarray]:
+                    pairs: set[frozenset[int]] | None = None, *, normalized: bool = False) -> dict[int, np.ndarray]:
     """For each label that competes, the grid cells [g, g] where its foreground prototype is more
     similar than every competitor's (labels are disjoint: a cell that looks more like another
     structure is not this one's).
 
     ``pairs``: the label pairs that compete (keys of ``fgs``); None: every pair. Labels without a
     competitor are left out (no restriction). Ties go to the first label in ``fgs``' order.
+    ``normalized``: as in :func:`similarity_map`.
     """
     keys = list(fgs)
     rivals = {a: [b for b in keys if b != a and (pairs is None or frozenset((a, b)) in pairs)] for a in keys}
     if not any(rivals.values()):
         return {}
-    q = F.normalize(query_emb.float(), dim=0)
+    q = query_emb.float() if normalized else F.normalize(query_emb.float(), dim=0)
     cos = {k: torch.einsum("chw,c->hw", q, F.normalize(fgs[k].float(), dim=0)) for k in keys}
     out = {}
     for i, a in enumerate(keys):
@@ -128,7 +134,8 @@ def apart_pairs(label_maps: torch.Tensor | np.ndarray, values: list[int],
 
 
 def coarse_regions(query_emb: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor, prior: np.ndarray | None = None,
-                   *, max_regions: int = 1, min_cells: int = 1, max_cells: int | None = None) -> list[np.ndarray]:
+                   *, max_regions: int = 1, min_cells: int = 1, max_cells: int | None = None,
+                   normalized: bool = False) -> list[np.ndarray]:
     """Connected foreground-like regions of the query ([g, g] bool each), largest first.
 
     Args:
@@ -138,8 +145,9 @@ def coarse_regions(query_emb: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor, 
         min_cells: drop regions smaller than this many grid cells.
         max_cells: keep at most about this many foreground-like cells, the most foreground-like
             first (ties kept), before splitting into regions (see :func:`region_cell_cap`).
+        normalized: ``query_emb`` is already unit-length along C (:func:`similarity_map`).
     """
-    return _regions(similarity_map(query_emb, fg, bg).cpu().numpy(), prior, max_regions, min_cells, max_cells)
+    return _regions(similarity_map(query_emb, fg, bg, normalized=normalized).cpu().numpy(), prior, max_regions, min_cells, max_cells)
 
 
 def _regions(sim: np.ndarray, prior: np.ndarray | None, max_regions: int, min_cells: int,

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, defaults
+from .augment import with_augmented_copies
 from .errors import RagsegError
 from .fewshot import (
     DecoderAdapter,
@@ -60,8 +61,13 @@ def train_decoder(items: Sequence[LabeledVolume], adapter: DecoderAdapter, pre: 
                   location_prior: int | None = defaults.LOCATION_PRIOR,
                   area_cap: float | None = defaults.REGION_AREA_CAP,
                   retrieved: float = defaults.FINETUNE_RETRIEVED,
+                  augment: int = defaults.FINETUNE_AUGMENT,
                   on_epoch: Callable[[int, dict], bool | None] | None = None) -> TrainResult:
-    """Fine-tune a prototype decoder on the labeled slices of ``items`` and save it to ``out_dir``."""
+    """Fine-tune a prototype decoder on the labeled slices of ``items`` and save it to ``out_dir``.
+
+    ``augment``: augmented copies of every labeled slice encoded with them
+    (:func:`ragseg.augment.augmented_copies`, drawn with ``seed``); 0: none.
+    """
     t0 = time.perf_counter()
     slices, labs, labels, ident, images = labeled_slices(items, pre, labels)
     missing = [v for v in labels if not any((x == v).any() for x in labs)]
@@ -69,15 +75,17 @@ def train_decoder(items: Sequence[LabeledVolume], adapter: DecoderAdapter, pre: 
         raise RagsegError(f"labels {missing} have no labeled slice")
     # episodes take supports from other patients (two frames of one heart are one), as when a new
     # patient is segmented
-    ts = build_training_set(adapter, slices, labs, labels, groups=[patient_of(i) for i in images])
-    logger.info("encoded %d labeled slices in %.1f s", len(ts), ts.encode_s)
+    n_slices = len(slices)
+    slices, labs, groups = with_augmented_copies(slices, labs, [patient_of(i) for i in images], augment, seed)
+    ts = build_training_set(adapter, slices, labs, labels, groups=groups)
+    logger.info("encoded %d labeled slices (%d with augmented copies) in %.1f s", n_slices, len(ts), ts.encode_s)
     dec = PrototypeDecoder(adapter, use_box=use_box, location_prior=location_prior, area_cap=area_cap)
     res = finetune(dec, ts, epochs=epochs, lr=lr, k=k, seed=seed, max_episodes=max_episodes, progress=progress,
                    retrieved=retrieved, on_epoch=on_epoch)
     names = names or {}
     dec.save(out_dir, {
         "labels": {names.get(v, f"label_{v}"): v for v in labels},
-        "data_checksum": data_checksum(ident), "slices": len(ts), "patients": len(set(ts.groups or [])),
+        "data_checksum": data_checksum(ident), "slices": n_slices, "augmented_copies": augment, "training_slices": len(ts), "patients": len(set(ts.groups or [])),
         "preprocess": pre.id,
         "epochs": len(res.history), "best_epoch": res.best_epoch, "best_metric": res.best_metric,
         "averaged_epochs": res.averaged, "shift_cells": defaults.FINETUNE_SHIFT,

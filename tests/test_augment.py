@@ -1,0 +1,57 @@
+"""Augmented copies of labeled slices for decoder fine-tuning (ragseg.augment)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ragseg.augment import augmented_copies, with_augmented_copies
+
+
+def _pairs():
+    rng = np.random.default_rng(0)
+    out = []
+    for h, w in ((40, 56), (64, 48)):  # patients scanned at different sizes
+        x = rng.random((h, w)).astype(np.float32) * 0.5
+        y = np.zeros((h, w), np.uint8)
+        y[10:25, 12:30] = 1
+        y[12:20, 32:44] = 3
+        x[y == 1] = 0.9
+        out.append((x, y))
+    return [p[0] for p in out], [p[1] for p in out]
+
+
+def test_copies_stay_on_each_slice_grid_keep_labels_and_repeat_with_the_seed():
+    xs, ys = _pairs()
+    ax, ay = augmented_copies(xs, ys, copies=2, seed=5)
+    assert len(ax) == len(ay) == 4
+    for i, (x, y) in enumerate(zip(ax, ay)):
+        src_x, src_y = xs[i % 2], ys[i % 2]  # copy 1 of every pair, then copy 2
+        assert x.shape == src_x.shape and y.shape == src_y.shape and y.dtype == src_y.dtype
+        assert 0.0 <= x.min() and x.max() <= 1.0
+        assert set(np.unique(y)) <= {0, 1, 3} and (y == 1).any()
+        assert not np.array_equal(y, src_y) or not np.allclose(x, src_x)  # actually transformed
+        # the label moved with the image: the bright structure is where label 1 is
+        assert x[y == 1].mean() > x[y == 0].mean() + 0.2
+    bx, by = augmented_copies(xs, ys, copies=2, seed=5)
+    assert all(np.array_equal(a, b) for a, b in zip(ax + ay, bx + by))
+    cx, _ = augmented_copies(xs, ys, copies=2, seed=6)
+    assert not all(np.array_equal(a, b) for a, b in zip(ax, cx))
+    assert augmented_copies(xs, ys, copies=0) == ([], [])
+
+
+def test_copies_keep_their_patient():
+    xs, ys = _pairs()
+    sl, lb, groups = with_augmented_copies(xs, ys, ["p1", "p2"], copies=2, seed=0)
+    assert len(sl) == len(lb) == len(groups) == 6
+    assert groups == ["p1", "p2"] * 3
+    assert sl[0] is xs[0] and lb[1] is ys[1]  # originals first, untouched
+    sl, lb, groups = with_augmented_copies(xs, ys, ["p1", "p2"], copies=0)
+    assert len(sl) == 2 and groups == ["p1", "p2"]
+
+
+def test_cli_rejects_a_negative_copy_count():
+    from ragseg.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["finetune", "imgs", "--out", "x", "--augment-copies", "-1"])
