@@ -44,3 +44,4 @@ def test_bench_litemedsam_quick(tmp_path):
     assert all(r["max_abs_diff"] < 1e-3 for r in rows.values()), rows
     ft = res["finetune"]
     assert ft["episodes"] == 4 and ft["epoch_cached_s"] > 0 and ft["ratio"] > 1
+    assert ft["epoch_bf16_s"] > 0 and ft["bf16_speedup"] > 0 and ft["auto_precision"] in ("bf16", "float32")

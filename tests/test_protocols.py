@@ -57,6 +57,11 @@ def test_cross_patient_learning_curve_on_acdc(tmp_path):
     # the ventricles lie apart in every pool (their regions compete); the myocardium borders both
     assert {json.dumps(c["finetune"]["exclusive"]) for c in pools.values()} == {"[[1, 3]]"}
     assert "augmented copies of each labeled slice" in summary
+    from ragseg.precision import resolve
+
+    want = resolve("auto")  # the default: what this machine multiplies natively
+    assert {c["finetune"]["precision"] for c in pools.values()} == {want}
+    assert f"{want} arithmetic" in summary
     # a re-run reads every embedding from the feature cache instead of encoding
     out2 = tmp_path / "again"
     _evaluate(tmp_path, str(ACDC), "--label-suffix", "_gt", "--subjects", ACDC_3, "--classes", "RV=1,MYO=2,LV=3",

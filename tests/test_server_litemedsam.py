@@ -68,7 +68,8 @@ def test_train_task_through_the_server(server, tmp_path):
     assert "ragseg_decoder" in info["trainers"]
     status, body, _ = server.request("POST", "/train/ragseg_decoder", json_body={"epochs": 2, "max_episodes": 8,
                                                                                  "retrieved_episodes": 0.5,
-                                                                                 "augment_copies": 0})
+                                                                                 "augment_copies": 0,
+                                                                                 "precision": "float32"})
     assert status == 200, body
     end = time.time() + 600
     seen_running = None
@@ -88,7 +89,7 @@ def test_train_task_through_the_server(server, tmp_path):
     man = json.loads((server.studies / ".ragseg" / "decoders" / "ragseg_decoder" / "manifest.json").read_text())
     assert man["epochs"] == 2 and man["averaged_epochs"] == 1  # a 2-epoch run averages its second half
     # the request's training parameters reached the training
-    assert man["retrieved_episodes"] == 0.5 and man["augmented_copies"] == 0
+    assert man["retrieved_episodes"] == 0.5 and man["augmented_copies"] == 0 and man["precision"] == "float32"
     assert man["training_slices"] == man["slices"]
     if seen_running is not None:  # what Slicer polls while it runs: no total_time yet
         assert "total_time" not in seen_running and seen_running["total_epochs"] == 2

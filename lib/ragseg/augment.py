@@ -6,6 +6,9 @@ once, since its image embeddings are computed once (:func:`augmented_copies`).
 
 Rotation up to 15 degrees, isotropic scale 0.85-1.15, translation up to 10% of the side, then
 intensity gamma, scale and shift. No flips: left / right structures differ (the two ventricles).
+Outside the moved image is 0. For fine-tuning copies that matters: with the edge pixels repeated
+instead, one copy neither lifted ACDC (0.794 vs 0.820 with zeros, 0.792 without copies) nor cost
+hippocampus (0.761 vs 0.687 with zeros, 0.755 without; docs/results.md).
 """
 
 from __future__ import annotations

@@ -344,10 +344,13 @@ def litemedsam_encoder_bench(n: int = 6, batches: tuple[int, ...] = (1, 4)) -> d
     return {"slices": n, "threads": threads, "rows": rows}
 
 
-def finetune_bench(n_slices: int = 100, epochs: int = 1) -> dict:
-    """One fine-tuning epoch over ``n_slices`` labeled slices: cached embeddings vs encoding every epoch."""
+def finetune_bench(n_slices: int = 100, epochs: int = 1, repeats: int = 2) -> dict:
+    """Fine-tuning epochs over ``n_slices`` labeled slices: cached embeddings vs encoding every
+    epoch, and float32 vs bfloat16 autocast (alternated ``repeats`` times in this run, fresh
+    decoder each time; medians)."""
     from .fewshot import LiteMedSamAdapter, PrototypeDecoder, build_training_set, finetune
     from .litemedsam import LiteMedSAM
+    from .precision import resolve
     from .synthetic import make_subject
 
     lite = LiteMedSAM()
@@ -363,12 +366,18 @@ def finetune_bench(n_slices: int = 100, epochs: int = 1) -> dict:
         seed += 1
     x, y = np.concatenate(sl)[:n_slices], np.concatenate(lb)[:n_slices]
     ts = build_training_set(ad, x, y, [1])
-    dec = PrototypeDecoder(ad)
-    res = finetune(dec, ts, epochs=epochs, max_episodes=None)
-    epoch_s = statistics.median(h["seconds"] for h in res.history)
-    return {"slices": n_slices, "episodes": res.history[0]["episodes"], "encode_once_s": ts.encode_s,
+    secs: dict[str, list[float]] = {"float32": [], "bf16": []}
+    episodes = 0
+    for _ in range(max(1, repeats)):
+        for prec in secs:
+            res = finetune(PrototypeDecoder(ad), ts, epochs=epochs, max_episodes=None, precision=prec)
+            secs[prec] += [h["seconds"] for h in res.history]
+            episodes = res.history[0]["episodes"]
+    epoch_s, bf16_s = statistics.median(secs["float32"]), statistics.median(secs["bf16"])
+    return {"slices": n_slices, "episodes": episodes, "encode_once_s": ts.encode_s,
             "epoch_cached_s": epoch_s, "epoch_uncached_s": epoch_s + ts.encode_s,
-            "ratio": (epoch_s + ts.encode_s) / epoch_s, "threads": torch.get_num_threads()}
+            "ratio": (epoch_s + ts.encode_s) / epoch_s, "epoch_bf16_s": bf16_s, "bf16_speedup": epoch_s / bf16_s,
+            "auto_precision": resolve("auto"), "threads": torch.get_num_threads()}
 
 
 def main_litemedsam(n: int, finetune_slices: int, json_path: str | None) -> int:
@@ -384,6 +393,8 @@ def main_litemedsam(n: int, finetune_slices: int, json_path: str | None) -> int:
         print(f"decoder fine-tuning, {ft['slices']} labeled slices ({ft['episodes']} episodes), {ft['threads']} threads:")
         print(f"  encode once {ft['encode_once_s']:.1f} s; epoch with cached embeddings {ft['epoch_cached_s']:.1f} s; "
               f"epoch re-encoding {ft['epoch_uncached_s']:.1f} s ({ft['ratio']:.1f}x)")
+        print(f"  cached epoch in float32 {ft['epoch_cached_s']:.2f} s, with bf16 autocast {ft['epoch_bf16_s']:.2f} s "
+              f"({ft['bf16_speedup']:.2f}x; alternated in this run); precision 'auto' here: {ft['auto_precision']}")
     if json_path:
         with open(json_path, "w") as fh:
             json.dump(out, fh, indent=1)

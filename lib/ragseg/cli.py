@@ -19,6 +19,9 @@ import numpy as np
 from . import __version__, defaults
 from .errors import RagsegError
 
+_PRECISION_HELP = ("fine-tuning arithmetic: bf16 autocast (weights and loss stay float32), float32, or auto: "
+                   "bf16 where the CPU (AVX512-BF16 / AMX) or GPU multiplies it natively (default: %(default)s)")
+
 logger = logging.getLogger("ragseg")
 
 
@@ -303,7 +306,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
                      location_prior=None if a.location_prior < 0 else a.location_prior, max_regions=a.max_regions,
                      area_cap=a.area_cap,
                      finetune_epochs=a.finetune_epochs, finetune_retrieved=a.retrieved_episodes,
-                     finetune_augment=a.augment_copies,
+                     finetune_augment=a.augment_copies, finetune_precision=a.precision,
                      baseline_iters=a.baseline_iters,
                      baseline_time_s=a.baseline_time, keep_largest=not a.no_keep_largest,
                      save_predictions=a.save_predictions, figures=not a.no_figures, image_suffix=a.image_suffix,
@@ -337,12 +340,12 @@ def cmd_finetune(a: argparse.Namespace) -> int:
     res = train_decoder(items, adapter, _preprocess(a), a.out, labels=_ints("--classes", a.classes) or None,
                         epochs=a.epochs, lr=a.lr, k=a.k, use_box=not a.no_box, seed=a.seed, progress=True,
                         location_prior=cfg.location_prior, area_cap=cfg.area_cap, retrieved=a.retrieved_episodes,
-                        augment=a.augment_copies)
+                        augment=a.augment_copies, precision=a.precision)
     per_epoch = np.mean([h["seconds"] for h in res.history])
     print(json.dumps({"output": a.out, "epochs": len(res.history), "best_epoch": res.best_epoch,
                       "best_metric": round(res.best_metric, 4), "averaged_epochs": res.averaged, "first_loss": round(res.history[0]["loss"], 4),
                       "last_loss": round(res.history[-1]["loss"], 4), "encode_s": round(res.encode_s, 2),
-                      "epoch_s": round(float(per_epoch), 3)}))
+                      "epoch_s": round(float(per_epoch), 3), "precision": res.precision}))
     return 0
 
 
@@ -462,6 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--augment-copies", type=_count, default=defaults.FINETUNE_AUGMENT, metavar="N",
                     help="fine-tuning: augmented copies of each pool slice encoded with it (rotation, scale, "
                          "shift, intensity; 0: none; default: %(default)s)")
+    ev.add_argument("--precision", choices=defaults.FINETUNE_PRECISIONS, default=defaults.FINETUNE_PRECISION,
+                    help=_PRECISION_HELP)
     ev.add_argument("--baseline-iters", type=int, default=defaults.BASELINE_MAX_ITERS,
                     help="unet/dynunet: iteration cap (early stopping usually ends sooner; default: %(default)s)")
     ev.add_argument("--baseline-time", type=float, default=defaults.BASELINE_TIME_LIMIT_S, metavar="SECONDS",
@@ -495,6 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--augment-copies", type=_count, default=defaults.FINETUNE_AUGMENT, metavar="N",
                     help="augmented copies of each labeled slice encoded with it (rotation, scale, shift, "
                          "intensity; 0: none; default: %(default)s)")
+    ft.add_argument("--precision", choices=defaults.FINETUNE_PRECISIONS, default=defaults.FINETUNE_PRECISION,
+                    help=_PRECISION_HELP)
     _model_args(ft)
     ft.set_defaults(func=cmd_finetune)
 

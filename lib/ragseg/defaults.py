@@ -90,7 +90,8 @@ PATIENT_PATTERN = r"^(.+?)(?:_frame\d+)?$"
 # 50 epochs of 64 episodes: at 20 the training-episode Dice was still rising on both cross-patient
 # pools (ACDC, hippocampus); 40 cost hippocampus 0.755 -> 0.713 (ACDC 0.792 -> 0.787). 50 fits the
 # 10-minute budget for 4 ACDC patients on 2 CPU cores (522 s on one machine; 640-646 s on a slower
-# one before episodes normalized each slice once, 451 s there at 40 epochs after)
+# one before episodes normalized each slice once, 451 s there at 40 epochs after; 422 s at 50 with
+# bf16 autocast, FINETUNE_PRECISION)
 FINETUNE_EPOCHS = 50
 FINETUNE_MAX_EPISODES = 64  # episodes per epoch at most (one step ~0.3 s per episode on 2 CPU threads)
 FINETUNE_LR = 1e-4
@@ -98,6 +99,14 @@ FINETUNE_LR = 1e-4
 # activations of 4 x 4096 image tokens stay in cache), twice the updates, same or better Dice (4 labeled,
 # seed 0: ACDC 0.792 vs 0.793, hippocampus 0.755 vs 0.748; docs/results.md, "Where ACDC still loses")
 FINETUNE_BATCH = 4
+# "auto": the decoder's forward passes under bfloat16 autocast where the hardware multiplies it
+# natively (ragseg.precision), else float32. On an AVX512-BF16 CPU (2 threads) an ACDC epoch took
+# 9.0-9.8 s vs 13.1 s (ACDC fine-tuning 422 vs 661 s). Dice, 4 labeled, served path, bf16 vs float32:
+# hippocampus 0.765 / 0.731 vs 0.755 / 0.748 (seeds 0 / 1), ACDC 0.787 vs 0.792, with one augmented
+# copy 0.810 / 0.799 vs 0.820 / 0.813: within the seeds' spread, leaning lower on ACDC
+# (docs/results.md, "bfloat16 fine-tuning")
+FINETUNE_PRECISION = "auto"
+FINETUNE_PRECISIONS = ("auto", "bf16", "float32")
 FINETUNE_BOX_JITTER = 0.1  # training boxes moved by up to this fraction of their size
 # shifts of up to 4 cells gave the same held-out Dice as none once states are averaged (hippocampus
 # 0.713 vs 0.713 over 2 seeds, ACDC 0.804 vs 0.799 over 1; docs/results.md), so they stay off
@@ -116,7 +125,9 @@ FINETUNE_RETRIEVED_POOL = 2  # a retrieved-like draw takes k of the k x this mos
 # augmented copies (rotation, scale, shift, intensity; ragseg.augment) of every labeled slice,
 # encoded once with the pool (~1.1 s per slice on 2 CPU threads). Off by default: one copy lifts
 # ACDC (4 labeled) to 0.820 / 0.813 over two seeds (0.792 / 0.783 without; 754 s with ~87 s of it
-# encoding the copies), but drops hippocampus to 0.687 (0.755 without; docs/results.md, "Augmented copies")
+# encoding the copies; 0.810 / 0.799 in 455-494 s + encoding with bf16), but drops hippocampus to
+# 0.687 (0.755 without; docs/results.md, "Augmented copies"). Both effects come from the zeros where a
+# moved copy leaves the frame: repeating the edge pixels instead gave hippocampus 0.761 and ACDC 0.794
 FINETUNE_AUGMENT = 0
 FINETUNE_MAX_AUGMENT = 8  # what the train task accepts (each copy is one more encode per labeled slice)
 

@@ -107,6 +107,7 @@ class EvalConfig:
     finetune_epochs: int = defaults.FINETUNE_EPOCHS
     finetune_retrieved: float = defaults.FINETUNE_RETRIEVED  # share of retrieved-like training episodes
     finetune_augment: int = defaults.FINETUNE_AUGMENT  # augmented copies of each pool slice for fine-tuning
+    finetune_precision: str = defaults.FINETUNE_PRECISION  # auto / bf16 / float32 (ragseg.precision)
     keep_largest: bool = defaults.KEEP_LARGEST_COMPONENT  # one-structure labels: largest 3D component only
     baseline_iters: int = defaults.BASELINE_MAX_ITERS  # unet / dynunet: iteration cap
     baseline_time_s: float = defaults.BASELINE_TIME_LIMIT_S  # unet / dynunet: wall-clock cap per training
@@ -474,7 +475,8 @@ class Harness:
         eng, tr = self.train_finetuned(case)
         return eng, {"best_metric": tr.best_metric, "epochs": len(tr.history),
                      "train_s": round(time.perf_counter() - t, 1), "encode_s": tr.encode_s,
-                     "exclusive": eng.decoder.exclusive, "augmented_copies": self.cfg.finetune_augment}
+                     "exclusive": eng.decoder.exclusive, "augmented_copies": self.cfg.finetune_augment,
+                     "precision": tr.precision}
 
     def train_finetuned(self, case: Case):
         from .augment import with_augmented_copies
@@ -489,7 +491,8 @@ class Harness:
                                                self.cfg.finetune_augment, case.seed)
         ts = build_training_set(adapter, sl, lb, self.labels, groups=groups)
         dec = PrototypeDecoder(adapter, location_prior=self.cfg.location_prior, area_cap=self.cfg.area_cap)
-        res = finetune(dec, ts, epochs=self.cfg.finetune_epochs, seed=case.seed, retrieved=self.cfg.finetune_retrieved)
+        res = finetune(dec, ts, epochs=self.cfg.finetune_epochs, seed=case.seed, retrieved=self.cfg.finetune_retrieved,
+                       precision=self.cfg.finetune_precision)
         logger.info("%s: fine-tuned decoder, best train Dice %.3f at epoch %d (%.1f s/epoch)", case.name,
                     res.best_metric, res.best_epoch, np.mean([h["seconds"] for h in res.history]))
         eng = LiteMedSamEngine(self.models.lite(), cache=SupportMemoryCache(item_type=SupportEmbedding), decoder=dec,
@@ -722,7 +725,7 @@ def _timing_lines(rows: list[dict], case_info: dict, timing: dict | None) -> lis
     if ft:
         lines.append(f"- fine-tuning: {len(ft)} training(s), {np.mean([f['train_s'] for f in ft]):.1f} s each "
                      f"({ft[0]['epochs']} epochs, {ft[0].get('augmented_copies', 0)} augmented copies of each "
-                     f"labeled slice, embeddings cached), best training Dice "
+                     f"labeled slice, {ft[0].get('precision', 'float32')} arithmetic, embeddings cached), best training Dice "
                      f"{np.mean([f['best_metric'] for f in ft]):.3f}; exclusive regions (label pairs lying "
                      f"apart) in {sum(bool(f.get('exclusive')) for f in ft)} of {len(ft)} pool(s): "
                      f"{', '.join(sorted({json.dumps(f.get('exclusive')) for f in ft}))}")

@@ -37,6 +37,8 @@ from tqdm import tqdm
 from . import defaults
 from .atomic import atomic_write
 from .errors import RagsegError
+from .precision import autocast
+from .precision import resolve as resolve_precision
 from .prototypes import (
     apart_pairs,
     coarse_regions,
@@ -515,6 +517,7 @@ class TrainResult:
     best_epoch: int = 0
     averaged: int = 0  # epoch-end states averaged into the decoder kept (0: the best epoch's kept)
     encode_s: float = 0.0
+    precision: str = "float32"  # what the decoder's forward passes ran in ("bf16" or "float32")
 
 
 def average_states(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -555,8 +558,8 @@ def finetune(dec: PrototypeDecoder, ts: TrainingSet, *, epochs: int = defaults.F
              lr: float = defaults.FINETUNE_LR, batch: int = defaults.FINETUNE_BATCH, k: int = defaults.DEFAULT_K,
              seed: int = 0, max_episodes: int | None = defaults.FINETUNE_MAX_EPISODES,
              shift: int = defaults.FINETUNE_SHIFT, average_last: int = defaults.FINETUNE_AVERAGE_LAST,
-             retrieved: float = defaults.FINETUNE_RETRIEVED, progress: bool = False,
-             on_epoch: Callable[[int, dict], bool | None] | None = None) -> TrainResult:
+             retrieved: float = defaults.FINETUNE_RETRIEVED, precision: str = defaults.FINETUNE_PRECISION,
+             progress: bool = False, on_epoch: Callable[[int, dict], bool | None] | None = None) -> TrainResult:
     """Train ``dec`` (decoder + projection; backbone frozen) on episodes from ``ts``.
 
     Each epoch draws new support subsets (and box jitter), so the decoder sees varied prototypes;
@@ -566,6 +569,9 @@ def finetune(dec: PrototypeDecoder, ts: TrainingSet, *, epochs: int = defaults.F
     labeled patients.
     ``retrieved``: the share of episodes whose supports are drawn like retrieval
     (:func:`make_episodes`).
+    ``precision``: ``"bf16"`` runs the decoder's forward pass under bfloat16 autocast (weights,
+    optimizer and loss stay float32), ``"float32"`` does not, ``"auto"`` takes bf16 where the
+    hardware multiplies it natively (:func:`ragseg.precision.resolve`).
     A decoder built with ``exclusive=None`` first gets its competing label pairs from
     :func:`choose_exclusive`.
     The metric is the epoch's mean Dice over episodes whose query carries the label (before each
@@ -576,7 +582,9 @@ def finetune(dec: PrototypeDecoder, ts: TrainingSet, *, epochs: int = defaults.F
     to stop early (the average is then over the last epochs run).
     """
     torch.manual_seed(seed)
-    res = TrainResult(dec, encode_s=ts.encode_s)
+    device = next(dec.parameters()).device
+    res = TrainResult(dec, encode_s=ts.encode_s, precision=resolve_precision(precision, device))
+    logger.info("fine-tuning in %s (asked: %s)", res.precision, precision)
     if dec.exclusive is None:
         dec.exclusive = choose_exclusive(ts)
         logger.info("exclusive regions for label pairs lying apart in the pool: %s", dec.exclusive or "none")
@@ -604,7 +612,9 @@ def finetune(dec: PrototypeDecoder, ts: TrainingSet, *, epochs: int = defaults.F
                 dy, dx = (int(v) for v in rng.integers(-shift, shift + 1, 2))
                 feats, target, boxes = shift_batch(feats, target, boxes, dy, dx, grid=dec.adapter.grid,
                                                    input_size=dec.adapter.input_size)
-            logits = dec(feats, torch.stack([e.fg for e in b]), torch.stack([e.bg for e in b]), boxes)[:, 0]
+            with autocast(res.precision, device):
+                logits = dec(feats, torch.stack([e.fg for e in b]), torch.stack([e.bg for e in b]), boxes)[:, 0]
+            logits = logits.float()
             loss = dice_bce_loss(logits, target)
             opt.zero_grad()
             loss.backward()

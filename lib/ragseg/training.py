@@ -62,11 +62,14 @@ def train_decoder(items: Sequence[LabeledVolume], adapter: DecoderAdapter, pre: 
                   area_cap: float | None = defaults.REGION_AREA_CAP,
                   retrieved: float = defaults.FINETUNE_RETRIEVED,
                   augment: int = defaults.FINETUNE_AUGMENT,
+                  precision: str = defaults.FINETUNE_PRECISION,
                   on_epoch: Callable[[int, dict], bool | None] | None = None) -> TrainResult:
     """Fine-tune a prototype decoder on the labeled slices of ``items`` and save it to ``out_dir``.
 
     ``augment``: augmented copies of every labeled slice encoded with them
     (:func:`ragseg.augment.augmented_copies`, drawn with ``seed``); 0: none.
+    ``precision``: auto / bf16 / float32 (:func:`ragseg.fewshot.finetune`); the manifest records
+    the one used.
     """
     t0 = time.perf_counter()
     slices, labs, labels, ident, images = labeled_slices(items, pre, labels)
@@ -81,14 +84,14 @@ def train_decoder(items: Sequence[LabeledVolume], adapter: DecoderAdapter, pre: 
     logger.info("encoded %d labeled slices (%d with augmented copies) in %.1f s", n_slices, len(ts), ts.encode_s)
     dec = PrototypeDecoder(adapter, use_box=use_box, location_prior=location_prior, area_cap=area_cap)
     res = finetune(dec, ts, epochs=epochs, lr=lr, k=k, seed=seed, max_episodes=max_episodes, progress=progress,
-                   retrieved=retrieved, on_epoch=on_epoch)
+                   retrieved=retrieved, precision=precision, on_epoch=on_epoch)
     names = names or {}
     dec.save(out_dir, {
         "labels": {names.get(v, f"label_{v}"): v for v in labels},
         "data_checksum": data_checksum(ident), "slices": n_slices, "augmented_copies": augment, "training_slices": len(ts), "patients": len(set(ts.groups or [])),
         "preprocess": pre.id,
         "epochs": len(res.history), "best_epoch": res.best_epoch, "best_metric": res.best_metric,
-        "averaged_epochs": res.averaged, "shift_cells": defaults.FINETUNE_SHIFT,
+        "averaged_epochs": res.averaged, "precision": res.precision, "shift_cells": defaults.FINETUNE_SHIFT,
         "lr": lr, "k": k, "seed": seed, "max_episodes": max_episodes, "retrieved_episodes": retrieved, "encode_s": round(ts.encode_s, 2),
         "train_s": round(time.perf_counter() - t0, 2), "history": res.history, "ragseg_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

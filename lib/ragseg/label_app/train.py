@@ -10,8 +10,9 @@ server's infer task picks the new decoder up on its next request.
 
 Request params (JSON body of ``POST /train/<name>``): ``epochs``, ``lr``, ``k``, ``use_box``,
 ``max_episodes``, ``seed``, ``retrieved_episodes`` (share of episodes with retrieval-like supports,
-0..1), ``augment_copies`` (augmented copies of each labeled slice, 0..8), ``labels`` (names or values;
-default all labeled).
+0..1), ``augment_copies`` (augmented copies of each labeled slice, 0..8), ``precision`` (auto, bf16 or
+float32: the arithmetic of the decoder's forward passes), ``labels`` (names or values; default all
+labeled).
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ class DecoderTrainTask(TrainTask):
     def config(self) -> dict[str, Any]:
         return {"epochs": defaults.FINETUNE_EPOCHS, "lr": defaults.FINETUNE_LR, "k": defaults.DEFAULT_K,
                 "use_box": True, "max_episodes": defaults.FINETUNE_MAX_EPISODES, "seed": 0,
-                "retrieved_episodes": defaults.FINETUNE_RETRIEVED, "augment_copies": defaults.FINETUNE_AUGMENT}
+                "retrieved_episodes": defaults.FINETUNE_RETRIEVED, "augment_copies": defaults.FINETUNE_AUGMENT,
+                "precision": defaults.FINETUNE_PRECISION}
 
     def stats(self) -> dict[str, Any]:
         try:
@@ -94,12 +96,15 @@ class DecoderTrainTask(TrainTask):
             lr, seed, use_box = float(cfg["lr"]), int(cfg["seed"]), bool(cfg["use_box"])
             retrieved = float(cfg["retrieved_episodes"])
             augment = int(cfg["augment_copies"])
+            precision = str(cfg["precision"])
         except (TypeError, ValueError) as e:
             raise HTTPException(422, f"bad train parameter: {e}") from None
         if not (1 <= epochs <= 1000 and 1 <= k <= defaults.MAX_K and max_ep >= 1 and 0 < lr < 1
                 and 0 <= retrieved <= 1 and 0 <= augment <= defaults.FINETUNE_MAX_AUGMENT):
             raise HTTPException(422, "train parameters out of range (epochs 1..1000, k 1..16, 0 < lr < 1, "
                                      f"0 <= retrieved_episodes <= 1, 0 <= augment_copies <= {defaults.FINETUNE_MAX_AUGMENT})")
+        if precision not in defaults.FINETUNE_PRECISIONS:
+            raise HTTPException(422, f"param precision: one of {', '.join(defaults.FINETUNE_PRECISIONS)}, not {precision!r}")
         labels = self._labels(request.get("labels"))
         if self.c.backend != "litemedsam" and self.c.cfg.backend != "litemedsam":
             logger.warning("backend is %s; the decoder is trained on LiteMedSAM and used when the backend is "
@@ -127,7 +132,7 @@ class DecoderTrainTask(TrainTask):
                                 names={v: n for n, v in self.label_names().items()}, epochs=epochs, lr=lr, k=k,
                                 use_box=use_box, seed=seed, max_episodes=max_ep, on_epoch=on_epoch,
                                 location_prior=self.c.cfg.location_prior, area_cap=self.c.cfg.area_cap,
-                                retrieved=retrieved, augment=augment)
+                                retrieved=retrieved, augment=augment, precision=precision)
             # swap the folder in: the infer side watches manifest.json, written last inside tmp
             old = self.out_dir.with_name(f".{self.name}.old")
             shutil.rmtree(old, ignore_errors=True)
