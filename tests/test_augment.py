@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
-from ragseg.augment import augmented_copies, with_augmented_copies
+from ragseg.augment import (
+    augmented_copies,
+    border_background,
+    frame_is_background,
+    random_affine_intensity,
+    with_augmented_copies,
+)
 
 
 def _pairs():
@@ -38,6 +45,31 @@ def test_copies_stay_on_each_slice_grid_keep_labels_and_repeat_with_the_seed():
     cx, _ = augmented_copies(xs, ys, copies=2, seed=6)
     assert not all(np.array_equal(a, b) for a, b in zip(ax, cx))
     assert augmented_copies(xs, ys, copies=0) == ([], [])
+
+
+def test_outside_the_moved_frame_follows_the_slices_own_frame():
+    """A copy leaves part of its frame. A slice framed by background (air around the body) gets
+    background there; a crop that is tissue to its edge gets its edge pixels continued, not a
+    zero wedge that no real image of that kind has."""
+    tissue = np.random.default_rng(0).uniform(0.45, 0.55, (48, 48)).astype(np.float32)  # tissue to the edge
+    tissue[20:28, 20:28] = 0.8
+    dark = np.zeros((48, 48), np.float32)
+    dark[12:36, 12:36] = 0.6  # an object on a dark field
+    y = np.zeros((48, 48), np.uint8)
+    assert border_background(tissue) == pytest.approx(0.5, abs=0.02) and border_background(dark) == 0.0
+    assert not frame_is_background(tissue) and frame_is_background(dark)
+    ax, _ = augmented_copies([tissue] * 6, [y] * 6, copies=1, seed=1)
+    # no dark wedge: the darkest pixel is the moved crop's grey (after the intensity change)
+    assert all(float(x.min()) > 0.2 for x in ax)
+    # the zero fill (what the baselines' batches use) on the same slices does leave wedges
+    rng = np.random.default_rng(1)
+    zx, _ = random_affine_intensity(torch.from_numpy(np.stack([tissue] * 6))[:, None],
+                                    torch.from_numpy(np.stack([y] * 6).astype(np.int64))[:, None], rng)
+    assert min(float(x.min()) for x in zx) < 0.1
+    dx, _ = augmented_copies([dark] * 4, [y] * 4, copies=1, seed=1)
+    assert all(float(np.median(np.concatenate([x[0], x[-1]]))) < 0.06 for x in dx)  # dark stays dark
+    with pytest.raises(ValueError):
+        random_affine_intensity(torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 8, dtype=torch.long), rng, outside="mirror")
 
 
 def test_copies_keep_their_patient():

@@ -127,7 +127,9 @@ FINETUNE_RETRIEVED_POOL = 2  # a retrieved-like draw takes k of the k x this mos
 # ACDC (4 labeled) to 0.820 / 0.813 over two seeds (0.792 / 0.783 without; 754 s with ~87 s of it
 # encoding the copies; 0.810 / 0.799 in 455-494 s + encoding with bf16), but drops hippocampus to
 # 0.687 (0.755 without; docs/results.md, "Augmented copies"). Both effects come from the zeros where a
-# moved copy leaves the frame: repeating the edge pixels instead gave hippocampus 0.761 and ACDC 0.794
+# moved copy leaves the frame; copies now continue a tissue-framed crop's edge instead (ragseg.augment;
+# ACDC's and MS's slices are background-framed, so unchanged), which still leaves hippocampus below no
+# copies with bf16: 0.743 / 0.710 vs 0.765 / 0.731 (seeds 0 / 1). So copies stay opt-in.
 FINETUNE_AUGMENT = 0
 FINETUNE_MAX_AUGMENT = 8  # what the train task accepts (each copy is one more encode per labeled slice)
 
