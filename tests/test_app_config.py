@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from ragseg.label_app.config import AppConfig, ConfigError
@@ -17,9 +19,16 @@ def test_defaults_and_types():
     assert AppConfig.from_conf({"labels": '{"a": 3}'}).labels == {"a": 3}
     assert (c.backend, c.retrieval, c.decoder, c.location_prior, c.max_regions) == ("auto", "auto", "auto", 2, 1)
     c = AppConfig.from_conf({"backend": "litemedsam", "retrieval": "litemedsam", "location_prior": "-1",
-                             "max_regions": "8", "decoder": "/d"})
+                             "max_regions": "8", "decoder": "/d", "region_score": "linear"})
     assert (c.backend, c.retrieval, c.location_prior, c.max_regions, c.decoder) == ("litemedsam", "litemedsam",
                                                                                     None, 8, "/d")
+    assert c.region_score == "linear" and AppConfig.from_conf({}).region_score == "prototype"
+    from types import SimpleNamespace
+
+    from ragseg.label_app.components import Components
+
+    # the models (and so the engine) are built with it
+    assert Components.model_config(SimpleNamespace(cfg=c, index_dir=Path("/x"))).region_score == "linear"
 
 
 @pytest.mark.parametrize("key,value,needle", [
@@ -35,6 +44,7 @@ def test_defaults_and_types():
     ("backend", "sam3", "--conf backend: must be one of auto, rag-sam2, litemedsam"),
     ("retrieval", "clip", "--conf retrieval: must be one of"),
     ("max_regions", "0", "--conf max_regions: must be between 1 and 64"),
+    ("region_score", "cosine", "--conf region_score: must be one of prototype, linear"),
     ("location_prior", "-2", "--conf location_prior: must be between -1 and 64"),
 ])
 def test_errors_name_the_key(key, value, needle):

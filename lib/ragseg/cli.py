@@ -66,6 +66,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "(most foreground-like cells first; e.g. 1.5); 'none' or 0: off (default: %(default)s)")
     g.add_argument("--max-regions", type=int, default=defaults.MAX_REGIONS,
                    help="litemedsam: box prompts per label and slice (more for lesions; default: %(default)s)")
+    g.add_argument("--region-score", choices=("prototype", "linear"), default=defaults.REGION_SCORE,
+                   help="litemedsam: what scores query cells for the box prompts: cosine to the supports' "
+                        "prototypes, or a logistic regression fitted on the supports' cells (embedding + "
+                        "intensity; for small bright structures such as lesions; default: %(default)s)")
     g.add_argument("--sam2", default="sam2.1-hiera-tiny",
                    help="SAM 2.1 registry name or path to an official .pt (default: %(default)s)")
     g.add_argument("--dinov2", default="dinov2-small",
@@ -91,7 +95,7 @@ def _model_config(a: argparse.Namespace):
               file=sys.stderr)
     return ModelConfig(backend=a.backend, retrieval=a.retrieval, decoder=a.decoder,
                        location_prior=None if a.location_prior < 0 else a.location_prior,
-                       max_regions=a.max_regions, area_cap=a.area_cap, sam2=a.sam2, dinov2=a.dinov2, pooling=a.pooling, image_size=a.image_size,
+                       max_regions=a.max_regions, area_cap=a.area_cap, region_score=a.region_score, sam2=a.sam2, dinov2=a.dinov2, pooling=a.pooling, image_size=a.image_size,
                        device=a.device, memory_cache=a.memory_cache, random_weights=a.random_weights_for_testing,
                        sam2_variant=a.sam2_variant)
 
@@ -304,7 +308,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
                      methods=[m.strip() for m in a.methods.split(",") if m.strip()], modality=a.modality,
                      ct_window=a.ct_window, axis=a.axis, backend=a.backend, retrieval=a.retrieval,
                      location_prior=None if a.location_prior < 0 else a.location_prior, max_regions=a.max_regions,
-                     area_cap=a.area_cap,
+                     area_cap=a.area_cap, region_score=a.region_score,
                      finetune_epochs=a.finetune_epochs, finetune_retrieved=a.retrieved_episodes,
                      finetune_augment=a.augment_copies, finetune_precision=a.precision,
                      baseline_iters=a.baseline_iters,

@@ -83,8 +83,8 @@ class SupportMemory:
 class Support:
     """A retrieved support: a cache key and a loader for its pixels and mask.
 
-    ``load()`` returns (slice in [0, 1] as [H, W] float, mask as [H, W] bool); it is only called
-    on a cache miss.
+    ``load()`` returns (slice in [0, 1] as [H, W] float, mask as [H, W] bool); it is called on a
+    cache miss, and by the linear cell score (``region_score="linear"``) for the slice's intensities.
     """
 
     key: str

@@ -104,6 +104,7 @@ class EvalConfig:
     location_prior: int | None = defaults.LOCATION_PRIOR
     max_regions: int = defaults.MAX_REGIONS
     area_cap: float | None = defaults.REGION_AREA_CAP
+    region_score: str = defaults.REGION_SCORE  # box prompts' cell score: prototype / linear (ragseg.cellscore)
     finetune_epochs: int = defaults.FINETUNE_EPOCHS
     finetune_retrieved: float = defaults.FINETUNE_RETRIEVED  # share of retrieved-like training episodes
     finetune_augment: int = defaults.FINETUNE_AUGMENT  # augmented copies of each pool slice for fine-tuning
@@ -296,7 +297,7 @@ class Harness:
         self.pre = Preprocess(axis=cfg.axis, modality=cfg.modality, ct_window=cfg.ct_window)
         self.models = ModelSet(ModelConfig(backend=cfg.backend, retrieval=cfg.retrieval,
                                            location_prior=cfg.location_prior, max_regions=cfg.max_regions,
-                                           area_cap=cfg.area_cap,
+                                           area_cap=cfg.area_cap, region_score=cfg.region_score,
                                            image_size=cfg.image_size, random_weights=cfg.random_weights,
                                            sam2_variant=cfg.sam2_variant))
         if self.models.backend == "litemedsam" or {"finetuned", "gt-box"} & set(cfg.methods):
@@ -497,7 +498,7 @@ class Harness:
                     res.best_metric, res.best_epoch, np.mean([h["seconds"] for h in res.history]))
         eng = LiteMedSamEngine(self.models.lite(), cache=SupportMemoryCache(item_type=SupportEmbedding), decoder=dec,
                                location_prior=self.cfg.location_prior, max_regions=self.cfg.max_regions,
-                               area_cap=self.cfg.area_cap)
+                               area_cap=self.cfg.area_cap, region_score=self.cfg.region_score)
         return eng, res
 
     def baseline(self, case: Case, arch: str) -> np.ndarray:

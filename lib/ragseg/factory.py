@@ -42,6 +42,7 @@ class ModelConfig:
     location_prior: grid cells around the supports' structure a prototype region may lie in (None: off).
     max_regions: prototype regions (box prompts) per label and slice.
     area_cap: a prototype region keeps at most this multiple of the supports' structure area (None: off).
+    region_score: what scores query cells for box prompts, 'prototype' or 'linear' (:mod:`ragseg.cellscore`).
     sam2: registry name ('sam2.1-hiera-tiny'...) or path to an official SAM 2.1 ``.pt``.
     sam2_variant: config used with random weights ('hiera_t', 'hiera_s', 'hiera_b+', 'hiera_l').
     dinov2: registry name ('dinov2-small'...), Hugging Face hub id, or local model directory.
@@ -58,6 +59,7 @@ class ModelConfig:
     location_prior: int | None = defaults.LOCATION_PRIOR
     max_regions: int = defaults.MAX_REGIONS
     area_cap: float | None = defaults.REGION_AREA_CAP
+    region_score: str = defaults.REGION_SCORE
     sam2: str = "sam2.1-hiera-tiny"
     sam2_variant: str = "hiera_t"
     dinov2: str = "dinov2-small"
@@ -72,6 +74,8 @@ class ModelConfig:
     def validate(self) -> None:
         if self.backend not in BACKENDS:
             raise RagsegError(f"backend: unknown {self.backend!r}; use one of {', '.join(BACKENDS)}")
+        if self.region_score not in ("prototype", "linear"):
+            raise RagsegError(f"region_score: unknown {self.region_score!r}; use prototype or linear")
         if self.retrieval not in RETRIEVALS:
             raise RagsegError(f"retrieval: unknown {self.retrieval!r}; use one of {', '.join(RETRIEVALS)}")
         if self.sam2_variant not in SAM2_CONFIGS:
@@ -187,7 +191,8 @@ class ModelSet:
         cache = SupportMemoryCache(Path(self.cfg.memory_cache) / "litemedsam" if self.cfg.memory_cache else None,
                                    item_type=SupportEmbedding)
         return LiteMedSamEngine(lite, cache=cache, decoder=dec, location_prior=self.cfg.location_prior,
-                                max_regions=self.cfg.max_regions, area_cap=self.cfg.area_cap)
+                                max_regions=self.cfg.max_regions, area_cap=self.cfg.area_cap,
+                                region_score=self.cfg.region_score)
 
 
 def set_threads(n: int | None = None) -> None:

@@ -206,6 +206,9 @@ class LiteMedSamEngine:
         area_cap: a region keeps at most this multiple of the supports' structure area
             (:func:`ragseg.prototypes.region_cell_cap`); None: off. A fine-tuned decoder brings its
             own (the cap it was trained with) and that one is used with it.
+        region_score: what scores a query cell as the structure for the box prompts:
+            "prototype" (cosine to the prototypes) or "linear" (a regression fitted per request
+            and label on the supports' cells, :mod:`ragseg.cellscore`).
         decode_batch: (query, label, region) items per decoder call.
     """
 
@@ -214,8 +217,13 @@ class LiteMedSamEngine:
     def __init__(self, lite: LiteMedSAM, *, cache: SupportMemoryCache | None = None,
                  decoder: torch.nn.Module | None = None, location_prior: int | None = defaults.LOCATION_PRIOR,
                  max_regions: int = defaults.MAX_REGIONS, area_cap: float | None = defaults.REGION_AREA_CAP,
-                 decode_batch: int = 16):
+                 region_score: str = defaults.REGION_SCORE, decode_batch: int = 16):
+        from .cellscore import REGION_SCORES
+
+        if region_score not in REGION_SCORES:
+            raise ValueError(f"region_score must be one of {REGION_SCORES}, not {region_score!r}")
         self.lite = lite
+        self.region_score = region_score
         self.cache = cache if cache is not None else SupportMemoryCache(item_type=SupportEmbedding)
         self.location_prior = location_prior
         self.max_regions = max(1, int(max_regions))
@@ -279,6 +287,7 @@ class LiteMedSamEngine:
 
         from tqdm import tqdm
 
+        from .cellscore import cell_intensity
         from .fewshot import competing_pairs
         from .prototypes import (
             coarse_regions,
@@ -287,6 +296,7 @@ class LiteMedSamEngine:
             masked_prototypes,
             region_box,
             region_cell_cap,
+            score_regions,
         )
         from .volume import resize_logits
 
@@ -303,6 +313,7 @@ class LiteMedSamEngine:
         t = time.perf_counter()
         sup_emb = dict(zip(distinct, self.support_embeddings(list(distinct.values()))))
         tm["supports"] = tm.get("supports", 0.0) + time.perf_counter() - t
+        scorers = self._cell_scores(supports, sup_emb, distinct, tm) if self.region_score == "linear" else {}
         logits = torch.full((n, L, H, W), -1024.0, dtype=torch.float16)
         for qi in tqdm(range(n), desc="segmenting", disable=not progress, unit="slice"):
             t = time.perf_counter()
@@ -326,6 +337,7 @@ class LiteMedSamEngine:
             pairs = competing_pairs(ex if labels is not None or ex is True else False,
                                     list(labels) if labels is not None else list(range(L)))
             owner = exclusive_cells(q, {li: f[0] for li, f in found.items()}, pairs) if pairs else {}
+            qint = None  # the query's cell intensities, for the linear cell score
             for li, (fg, bg, gm) in found.items():
                 if decoder is not None and not getattr(decoder, "use_box", True):
                     items.append((li, fg, bg, torch.zeros(4)))  # prototypes alone
@@ -333,8 +345,15 @@ class LiteMedSamEngine:
                 prior = location_prior(gm, self.location_prior)
                 if li in owner:
                     prior = owner[li] if prior is None else prior & owner[li]
-                for r in coarse_regions(q, fg, bg, prior, max_regions=self.max_regions,
-                                        max_cells=region_cell_cap(gm, cap)):
+                if scorers.get(li) is not None:
+                    if qint is None:
+                        qint = cell_intensity(queries[qi:qi + 1], IMAGE_SIZE, EMBED_SIZE)[0]
+                    regions = score_regions(scorers[li].score(q, qint).numpy(), prior, max_regions=self.max_regions,
+                                            max_cells=region_cell_cap(gm, cap))
+                else:
+                    regions = coarse_regions(q, fg, bg, prior, max_regions=self.max_regions,
+                                             max_cells=region_cell_cap(gm, cap))
+                for r in regions:
                     items.append((li, fg, bg, region_box(r, IMAGE_SIZE)))
             low = torch.full((L, 1, IMAGE_SIZE, IMAGE_SIZE), -1024.0)
             for s in range(0, len(items), self.decode_batch):
@@ -356,3 +375,29 @@ class LiteMedSamEngine:
 
     def decode_boxes(self, embeddings: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         return self.lite.decode_boxes(embeddings, boxes)
+
+    def _cell_scores(self, supports: Sequence[Sequence[Sequence[Support]]], sup_emb: dict[str, SupportEmbedding],
+                     distinct: dict[str, Support], tm: dict[str, float]) -> dict[int, object]:
+        """Per label: a :class:`ragseg.cellscore.LinearCellScore` fitted on every support the request
+        retrieved for it (None where its supports leave nothing to separate)."""
+        import time
+
+        from .cellscore import cell_intensity, fit_cell_score
+
+        t = time.perf_counter()
+        keys = sorted({s.key for per_label in supports for per_query in per_label for s in per_query})
+        loaded = {k: distinct[k].load()[0] for k in keys}
+        inten = {}
+        for group in group_by_shape(keys, lambda k: np.asarray(loaded[k]).shape):
+            for k, v in zip(group, cell_intensity(np.stack([loaded[k] for k in group]), IMAGE_SIZE, EMBED_SIZE)):
+                inten[k] = v
+        out: dict[int, object] = {}
+        for li, per_label in enumerate(supports):
+            ks = sorted({s.key for per_query in per_label for s in per_query})
+            if not ks:
+                continue
+            out[li] = fit_cell_score(torch.stack([sup_emb[k].embedding for k in ks]).float(),
+                                     torch.stack([sup_emb[k].mask for k in ks]), torch.stack([inten[k] for k in ks]))
+        tm["cell_score"] = tm.get("cell_score", 0.0) + time.perf_counter() - t
+        logger.debug("fitted %d linear cell scores on %d supports", sum(v is not None for v in out.values()), len(keys))
+        return out

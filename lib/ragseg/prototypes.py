@@ -147,11 +147,15 @@ def coarse_regions(query_emb: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor, 
             first (ties kept), before splitting into regions (see :func:`region_cell_cap`).
         normalized: ``query_emb`` is already unit-length along C (:func:`similarity_map`).
     """
-    return _regions(similarity_map(query_emb, fg, bg, normalized=normalized).cpu().numpy(), prior, max_regions, min_cells, max_cells)
+    return score_regions(similarity_map(query_emb, fg, bg, normalized=normalized).cpu().numpy(), prior,
+                         max_regions=max_regions, min_cells=min_cells, max_cells=max_cells)
 
 
-def _regions(sim: np.ndarray, prior: np.ndarray | None, max_regions: int, min_cells: int,
-             max_cells: int | None) -> list[np.ndarray]:
+def score_regions(sim: np.ndarray, prior: np.ndarray | None = None, *, max_regions: int = 1, min_cells: int = 1,
+                  max_cells: int | None = None) -> list[np.ndarray]:
+    """Connected regions of cells scoring > 0 on ``sim`` [g, g] (any per-cell score: the prototype
+    cosine difference, :mod:`ragseg.cellscore`'s regression), largest first; arguments as in
+    :func:`coarse_regions`."""
     from scipy import ndimage
 
     coarse = sim > 0

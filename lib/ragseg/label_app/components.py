@@ -46,7 +46,7 @@ class Components:
     def model_config(self) -> ModelConfig:
         c = self.cfg
         return ModelConfig(backend=c.backend, retrieval=c.retrieval, location_prior=c.location_prior,
-                           max_regions=c.max_regions, area_cap=c.area_cap, sam2=c.sam2_checkpoint, sam2_variant=c.sam2_variant,
+                           max_regions=c.max_regions, area_cap=c.area_cap, region_score=c.region_score, sam2=c.sam2_checkpoint, sam2_variant=c.sam2_variant,
                            dinov2=c.dinov2, pooling=c.pooling, image_size=c.image_size, device=c.device,
                            random_weights=c.random_weights_for_testing, memory_cache=str(self.index_dir / "memories"))
 

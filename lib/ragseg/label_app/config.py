@@ -92,6 +92,7 @@ class AppConfig:
     location_prior: int | None = defaults.LOCATION_PRIOR
     max_regions: int = defaults.MAX_REGIONS
     area_cap: float | None = defaults.REGION_AREA_CAP
+    region_score: str = defaults.REGION_SCORE
     sam2_checkpoint: str = "sam2.1-hiera-tiny"
     sam2_variant: str = "hiera_t"
     dinov2: str = "dinov2-small"
@@ -141,6 +142,8 @@ class AppConfig:
                     raise ConfigError(f"--conf area_cap: {e}") from None
             elif key == "max_regions":
                 val = _number(key, v, 1, 64)
+            elif key == "region_score":
+                val = _choice(key, v, ("prototype", "linear"))
             elif key == "sam2_variant":
                 val = _choice(key, v, ("hiera_t", "hiera_s", "hiera_b+", "hiera_l"))
             elif key == "pooling":
