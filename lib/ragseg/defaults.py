@@ -72,7 +72,8 @@ MAX_REGIONS = 1  # coarse regions prompted per label and slice (one box each); m
 # what scores a query cell as "the structure" for box prompts: "prototype" (cosine to the supports'
 # foreground minus background mean) or "linear" (a logistic regression fitted on the supports' cells,
 # ragseg.cellscore). MS lesions, training-free, 2 labeled patients, no location prior, 16 regions:
-# 0.396 vs prototype (docs/results.md, "A linear cell score for lesions"); not measured elsewhere yet
+# 0.349 vs 0.094 with "prototype" (docs/results.md, "a linear cell score for MS lesions"); not
+# measured on other data sets yet, so not the default
 REGION_SCORE = "prototype"
 CELL_SCORE_INTENSITY_WEIGHT = 4.0  # the cell-intensity feature's scale next to the unit-length embedding
 CELL_SCORE_C = 1.0  # inverse L2 strength of the cell regression (as scikit-learn's C)
