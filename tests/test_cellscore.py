@@ -138,3 +138,52 @@ def test_cli_passes_the_region_score_to_the_models():
     assert _model_config(a).region_score == "prototype"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["segment", "img.nii.gz", "--supports", "s", "--out", "o", "--region-score", "x"])
+
+
+def test_fit_set_is_the_pool_up_to_a_cap_and_keeps_the_retrieved(monkeypatch):
+    from ragseg import defaults
+    from ragseg.engine import Support
+    from ragseg.litemedsam import LiteMedSamEngine
+
+    pool = [Support(f"s{i:02d}", lambda: None) for i in range(10)]
+    retrieved = [pool[7], pool[2], pool[7]]
+    assert [s.key for s in LiteMedSamEngine.fit_set(retrieved, None)] == ["s07", "s02"]
+    assert [s.key for s in LiteMedSamEngine.fit_set(retrieved, pool)] == [s.key for s in pool]
+    monkeypatch.setattr(defaults, "CELL_SCORE_MAX_SUPPORTS", 4)
+    a = LiteMedSamEngine.fit_set(retrieved, pool)
+    assert len(a) == 4 and {"s07", "s02"} <= {s.key for s in a}
+    assert [s.key for s in a] == [s.key for s in LiteMedSamEngine.fit_set(retrieved, pool)]  # a fixed draw
+
+
+@pytest.mark.slow
+def test_served_linear_score_is_fitted_on_the_whole_labeled_pool(tmp_path):
+    """The Segmenter hands the engine every labeled slice of the index (less the query's own), not
+    only the k retrieved ones; the fit is made once per pool and reused by the next request."""
+    from ragseg.factory import ModelConfig, ModelSet
+    from ragseg.pipeline import Preprocess, Segmenter, discover_pairs, open_index, sync_index
+    from ragseg.synthetic import make_subject, write_subject
+    from ragseg.volume import load_image
+
+    for i in range(3):
+        s = make_subject(40 + i, shape=(40, 40, 6))
+        write_subject(s, tmp_path / f"subject_{i}.nii.gz", tmp_path / "labels" / f"subject_{i}.nii.gz" if i < 2 else None)
+    models = ModelSet(ModelConfig(backend="litemedsam", retrieval="litemedsam", random_weights=True,
+                                  region_score="linear"))
+    emb, eng = models.embedder(), models.engine()
+    assert eng.fits_on_pool
+    pre = Preprocess(modality="CT")
+    idx = open_index(tmp_path / "index", emb, pre)
+    sync_index(idx, emb, pre, discover_pairs(tmp_path, tmp_path / "labels"))
+    seg = Segmenter(eng, emb, idx, pre, k=1)
+    res = seg.segment_volume(tmp_path / "subject_2.nii.gz", labels=[1])
+    pool = [seg.store.support(r, 1) for r in sorted(idx.records(), key=lambda r: (r.image_id, r.slice_index))
+            if 1 in r.labels]
+    assert len(pool) > 2 * len({s for sups in res.supports.values() for s in sups})  # more than k=1 retrieves
+    import hashlib
+
+    want = hashlib.sha256("|".join([eng.lite.model_id, *sorted(s.key for s in pool)]).encode()).hexdigest()
+    assert list(eng._fits) == [want]
+    tm: dict[str, float] = {}
+    q = pre.slices(load_image(tmp_path / "subject_2.nii.gz"))[:2]
+    seg.engine.segment_queries(q, [[[pool[0]]] * 2], timings=tm, labels=[1], pool=[pool])
+    assert list(eng._fits) == [want]  # the same pool: the fit is reused, not made again

@@ -8,11 +8,14 @@ broadly: the encoder's unit-length features carry little of the absolute intensi
 supports' cells themselves train a class-balanced logistic regression on [unit-length embedding,
 mean intensity of the cell], and its decision value replaces the cosine difference.
 
-Fitted per request and label on the supports the request retrieved (for a volume, the union over
-its slices), so it needs no state and serves exactly what is evaluated. On open-ms-flair (2 labeled
-patients, every slice of the third), with ``--location-prior -1 --max-regions 16``, training-free
-Dice 0.349 against 0.065 with the cosine (0.094 with the same prior and regions); fitted once on
-the whole labeled pool instead, 0.396 (docs/results.md, "a linear cell score for MS lesions").
+Fitted per label on the labeled pool the request may use - every indexed slice of that label, less
+the query's own (:meth:`ragseg.litemedsam.LiteMedSamEngine.fit_set`; at most
+``defaults.CELL_SCORE_MAX_SUPPORTS``, the retrieved ones always among them) - and kept for that exact
+set, so the requests of one index version share one fit and a saved label makes the next request
+refit. Server, CLI and harness pass the same pool. On open-ms-flair (2 labeled patients, every slice
+of the third), with ``--location-prior -1 --max-regions 16``: training-free Dice 0.352 against
+0.349 fitted on the retrieved supports only and 0.094 with the cosine (docs/results.md, "a linear
+cell score for MS lesions").
 """
 
 from __future__ import annotations

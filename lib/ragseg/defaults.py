@@ -70,10 +70,10 @@ LOCATION_PRIOR = 2  # embedding cells a query region may lie from the supports' 
 REGION_AREA_CAP: float | None = None  # a factor, or None (off)
 MAX_REGIONS = 1  # coarse regions prompted per label and slice (one box each); more for lesions
 # what scores a query cell as "the structure" for box prompts: "prototype" (cosine to the supports'
-# foreground minus background mean) or "linear" (a logistic regression fitted on the supports' cells,
-# ragseg.cellscore). MS lesions, training-free, 2 labeled patients, no location prior, 16 regions:
-# 0.349 vs 0.094 with "prototype" (docs/results.md, "a linear cell score for MS lesions"); not
-# measured on other data sets yet, so not the default
+# foreground minus background mean) or "linear" (a logistic regression fitted on the labeled pool's
+# cells, ragseg.cellscore). MS lesions, training-free, 2 labeled patients, no location prior, 16
+# regions: 0.352 vs 0.094 with "prototype" (docs/results.md, "the linear cell score fitted on the
+# labeled pool"); not measured on other data sets yet, so not the default
 REGION_SCORE = "prototype"
 CELL_SCORE_INTENSITY_WEIGHT = 4.0  # the cell-intensity feature's scale next to the unit-length embedding
 CELL_SCORE_C = 1.0  # inverse L2 strength of the cell regression (as scikit-learn's C)
@@ -81,6 +81,8 @@ CELL_SCORE_ITERS = 100  # L-BFGS iterations per fit
 CELL_SCORE_MIN_COVER = 0.25  # a cell is the structure's when it covers at least this fraction of it
 CELL_SCORE_MIN_INTENSITY = 0.02  # darker cells (air, padding) are left out of the fit
 CELL_SCORE_MAX_CELLS = 20000  # cells per fit at most (~2-3 s of L-BFGS on 2 CPU threads)
+CELL_SCORE_MAX_SUPPORTS = 128  # labeled slices per fit at most (each is encoded once: ~2 MB, ~1 s on a CPU)
+CELL_SCORE_FITS_KEPT = 16  # fitted scores kept per engine (one per label and labeled-pool version)
 LITEMEDSAM_POOL = 4  # retrieval embedding = LiteMedSAM embedding average-pooled to this grid
 LITEMEDSAM_ENCODE_BATCH = 1  # TinyViT on CPU is fastest per slice at batch 1 (measured, #4)
 

@@ -421,7 +421,11 @@ class Harness:
         if how == "retrieved":
             return self.predict_served(engine, case, k)
         q = case.query.slices[case.query_slices]
-        pred = self._to_labels(engine.segment_queries(q, self.random_supports(case, k), labels=self.labels))
+        kw = {}
+        if getattr(engine, "fits_on_pool", False):  # the same pool the served path passes
+            kw["pool"] = [[self._support(s, z, v) for s, z in case.pool if (s.labels[z] == v).any()]
+                          for v in self.labels]
+        pred = self._to_labels(engine.segment_queries(q, self.random_supports(case, k), labels=self.labels, **kw))
         return self.keep_largest(case, pred)
 
     def keep_largest(self, case: Case, pred: np.ndarray) -> np.ndarray:

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,10 +183,12 @@ class LiteMedSamEmbedder:
 
 @dataclass
 class SupportEmbedding:
-    """What the LiteMedSAM backend keeps per support: its embedding and its mask on the grid."""
+    """What the LiteMedSAM backend keeps per support: its embedding, its mask and its intensities
+    on the grid (the last for the linear cell score, so a fit never re-reads a support's volume)."""
 
     embedding: torch.Tensor  # [256, 64, 64] float16
     mask: torch.Tensor  # [64, 64] float32 area fractions
+    intensity: torch.Tensor  # [64, 64] float32 mean intensity per cell (:func:`ragseg.cellscore.cell_intensity`)
 
 
 class LiteMedSamEngine:
@@ -207,8 +211,8 @@ class LiteMedSamEngine:
             (:func:`ragseg.prototypes.region_cell_cap`); None: off. A fine-tuned decoder brings its
             own (the cap it was trained with) and that one is used with it.
         region_score: what scores a query cell as the structure for the box prompts:
-            "prototype" (cosine to the prototypes) or "linear" (a regression fitted per request
-            and label on the supports' cells, :mod:`ragseg.cellscore`).
+            "prototype" (cosine to the prototypes) or "linear" (a regression fitted per label on
+            the cells of the labeled pool the request may use, :mod:`ragseg.cellscore`).
         decode_batch: (query, label, region) items per decoder call.
     """
 
@@ -229,7 +233,15 @@ class LiteMedSamEngine:
         self.max_regions = max(1, int(max_regions))
         self.area_cap = area_cap
         self.decode_batch = max(1, int(decode_batch))
+        self._fits: OrderedDict[str, object] = OrderedDict()  # fit-set key -> LinearCellScore | None
+        self._fits_lock = threading.Lock()
         self.set_decoder(decoder)
+
+    @property
+    def fits_on_pool(self) -> bool:
+        """Whether :meth:`segment_queries` wants the labeled pool (``pool=``) besides the retrieved
+        supports: the linear cell score is fitted on it."""
+        return self.region_score == "linear"
 
     def set_decoder(self, decoder: torch.nn.Module | None) -> None:
         """Switch between training-free prompts (None) and a fine-tuned prototype decoder.
@@ -248,6 +260,7 @@ class LiteMedSamEngine:
     @torch.inference_mode()
     def support_embeddings(self, supports: Sequence[Support]) -> list[SupportEmbedding]:
         """Cached embeddings and grid masks of ``supports``; missing ones are computed and cached."""
+        from .cellscore import cell_intensity
         from .prototypes import mask_grid
 
         out: list[SupportEmbedding | None] = []
@@ -262,10 +275,12 @@ class LiteMedSamEngine:
             # supports of different in-plane sizes: each goes to the 256 model frame (image) and
             # the 64 grid (mask) on its own; one batch per size
             for group in group_by_shape(loaded, lambda it: it[1][0].shape):
-                emb = self.lite.embeddings(np.stack([img for _, (img, _) in group]))
+                imgs = np.stack([img for _, (img, _) in group])
+                emb = self.lite.embeddings(imgs)
                 masks = mask_grid(np.stack([m for _, (_, m) in group]).astype(bool), EMBED_SIZE)
+                inten = cell_intensity(imgs, IMAGE_SIZE, EMBED_SIZE)
                 for j, (i, _) in enumerate(group):
-                    se = SupportEmbedding(emb[j].to(torch.float16), masks[j])
+                    se = SupportEmbedding(emb[j].to(torch.float16), masks[j], inten[j].float())
                     self.cache.put(self._key(supports[i]), se)
                     out[i] = se
         return out  # type: ignore[return-value]
@@ -277,11 +292,15 @@ class LiteMedSamEngine:
     @torch.inference_mode()
     def segment_queries(self, queries: np.ndarray, supports: Sequence[Sequence[Sequence[Support]]], *,
                         timings: dict[str, float] | None = None, progress: bool = False,
-                        labels: Sequence[int] | None = None) -> torch.Tensor:
+                        labels: Sequence[int] | None = None,
+                        pool: Sequence[Sequence[Support]] | None = None) -> torch.Tensor:
         """See :class:`ragseg.pipeline.SegmentationEngine`: float16 logits [n, L, H, W].
 
         ``labels`` (the value of each channel) name the label pairs of a fine-tuned decoder whose
         regions compete (its ``exclusive`` list); without them only ``exclusive=True`` applies.
+        ``pool[l]``: every labeled support of label l the request may learn from (the Segmenter
+        passes the index's slices of that label, less the query's own); the linear cell score is
+        fitted on it (see :meth:`fit_set`). Without it, on the supports retrieved for the request.
         """
         import time
 
@@ -313,7 +332,7 @@ class LiteMedSamEngine:
         t = time.perf_counter()
         sup_emb = dict(zip(distinct, self.support_embeddings(list(distinct.values()))))
         tm["supports"] = tm.get("supports", 0.0) + time.perf_counter() - t
-        scorers = self._cell_scores(supports, sup_emb, distinct, tm) if self.region_score == "linear" else {}
+        scorers = self._cell_scores(supports, pool, tm) if self.region_score == "linear" else {}
         logits = torch.full((n, L, H, W), -1024.0, dtype=torch.float16)
         for qi in tqdm(range(n), desc="segmenting", disable=not progress, unit="slice"):
             t = time.perf_counter()
@@ -376,28 +395,63 @@ class LiteMedSamEngine:
     def decode_boxes(self, embeddings: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         return self.lite.decode_boxes(embeddings, boxes)
 
-    def _cell_scores(self, supports: Sequence[Sequence[Sequence[Support]]], sup_emb: dict[str, SupportEmbedding],
-                     distinct: dict[str, Support], tm: dict[str, float]) -> dict[int, object]:
-        """Per label: a :class:`ragseg.cellscore.LinearCellScore` fitted on every support the request
-        retrieved for it (None where its supports leave nothing to separate)."""
+    @staticmethod
+    def fit_set(retrieved: Sequence[Support], pool: Sequence[Support] | None) -> list[Support]:
+        """The supports one label's cell score is fitted on: the whole ``pool`` when it holds at most
+        ``defaults.CELL_SCORE_MAX_SUPPORTS`` slices; else the ``retrieved`` ones plus a fixed draw of
+        the rest of the pool up to that many (bounds the fit's encoding and memory on big pools).
+        No pool: the retrieved supports."""
+        cap = defaults.CELL_SCORE_MAX_SUPPORTS
+        seen: dict[str, Support] = {}
+        for s in retrieved:
+            seen.setdefault(s.key, s)
+        if pool is None:
+            return list(seen.values())
+        every: dict[str, Support] = {}
+        for s in pool:
+            every.setdefault(s.key, s)
+        if len(every) <= cap:
+            return list(every.values())
+        rest = sorted(k for k in every if k not in seen)
+        take = max(0, cap - len(seen))
+        drawn = set(np.random.default_rng(0).permutation(len(rest))[:take].tolist())
+        chosen = set(seen) | {rest[j] for j in drawn}
+        return [s for k, s in every.items() if k in chosen] + [s for k, s in seen.items() if k not in every]
+
+    def _cell_scores(self, supports: Sequence[Sequence[Sequence[Support]]],
+                     pool: Sequence[Sequence[Support]] | None, tm: dict[str, float]) -> dict[int, object]:
+        """Per label: a :class:`ragseg.cellscore.LinearCellScore` fitted on :meth:`fit_set` (None where
+        those supports leave nothing to separate). A fit is kept for its exact support set (keys carry
+        the image and label checksums), so the requests of one index version share it."""
+        import hashlib
         import time
 
-        from .cellscore import cell_intensity, fit_cell_score
+        from .cellscore import fit_cell_score
 
         t = time.perf_counter()
-        keys = sorted({s.key for per_label in supports for per_query in per_label for s in per_query})
-        loaded = {k: distinct[k].load()[0] for k in keys}
-        inten = {}
-        for group in group_by_shape(keys, lambda k: np.asarray(loaded[k]).shape):
-            for k, v in zip(group, cell_intensity(np.stack([loaded[k] for k in group]), IMAGE_SIZE, EMBED_SIZE)):
-                inten[k] = v
         out: dict[int, object] = {}
+        fitted = 0
         for li, per_label in enumerate(supports):
-            ks = sorted({s.key for per_query in per_label for s in per_query})
-            if not ks:
+            fs = self.fit_set([s for per_query in per_label for s in per_query],
+                              pool[li] if pool is not None else None)
+            if not fs:
                 continue
-            out[li] = fit_cell_score(torch.stack([sup_emb[k].embedding for k in ks]).float(),
-                                     torch.stack([sup_emb[k].mask for k in ks]), torch.stack([inten[k] for k in ks]))
+            key = hashlib.sha256(("|".join([self.lite.model_id, *sorted(s.key for s in fs)])).encode()).hexdigest()
+            with self._fits_lock:
+                hit = key in self._fits
+                if hit:
+                    self._fits.move_to_end(key)
+                    out[li] = self._fits[key]
+            if hit:
+                continue
+            se = self.support_embeddings(fs)
+            out[li] = fit_cell_score(torch.stack([x.embedding for x in se]).float(),
+                                     torch.stack([x.mask for x in se]), torch.stack([x.intensity for x in se]))
+            fitted += 1
+            with self._fits_lock:
+                self._fits[key] = out[li]
+                while len(self._fits) > defaults.CELL_SCORE_FITS_KEPT:
+                    self._fits.popitem(last=False)
         tm["cell_score"] = tm.get("cell_score", 0.0) + time.perf_counter() - t
-        logger.debug("fitted %d linear cell scores on %d supports", sum(v is not None for v in out.values()), len(keys))
+        logger.debug("linear cell scores: %d fitted, %d reused", fitted, len(out) - fitted)
         return out

@@ -238,16 +238,14 @@ class SegmentationEngine(Protocol):
                         timings: dict[str, float] | None = None, progress: bool = False,
                         labels: Sequence[int] | None = None) -> torch.Tensor:
         """[n, H, W] query slices, ``supports[l][i]`` (most similar last) -> float16 logits [n, L, H, W];
-        ``labels``: the label value of each of the L channels (an engine with label-specific parts)."""
+        ``labels``: the label value of each of the L channels (an engine with label-specific parts).
+        An engine whose ``fits_on_pool`` is true also takes ``pool=``: per label, every labeled slice
+        the request may use (not only the retrieved ones)."""
         ...
 
     def warm_supports(self, supports: Sequence[Support]) -> int:
         """Pre-compute what the engine caches per support (memories, embeddings)."""
         ...
-
-
-def _rkey(hit, label: int) -> tuple[str, int, int]:
-    return (hit.record.image_id, hit.record.slice_index, label)
 
 
 class SupportStore:
@@ -559,19 +557,26 @@ class Segmenter:
         # computes or reads each support's memory/embedding once for the volume)
         sup_objs: dict[tuple[str, int, int], Support] = {}
 
-        def support(h, v: int) -> Support:
-            rid = _rkey(h, v)
+        def support(rec: SliceRecord, v: int) -> Support:
+            rid = (rec.image_id, rec.slice_index, v)
             if rid not in sup_objs:
-                sup_objs[rid] = self.store.support(h.record, v)
+                sup_objs[rid] = self.store.support(rec, v)
             return sup_objs[rid]
 
-        sups = [[[support(h, v) for h in hits] for hits in per_label[v]] for v in active]
+        sups = [[[support(h.record, v) for h in hits] for hits in per_label[v]] for v in active]
+        kw = {}
+        if getattr(self.engine, "fits_on_pool", False):  # e.g. the linear cell score: every usable labeled slice
+            own_set = {(image_id, s) for s in sel}
+            recs = sorted((r for r in self.index.records() if (r.image_id, r.slice_index) not in own_set
+                           and r.image_id not in excl_img), key=lambda r: (r.image_id, r.slice_index))
+
+            kw["pool"] = [[support(r, v) for r in recs if v in r.labels] for v in active]
         if self.propagate:
             t = time.perf_counter()
             logits = self._propagate(q, [s[0] for s in sups], (H, W), tm)
             tm["decode"] = time.perf_counter() - t - tm["supports"]
         else:
-            logits = self.engine.segment_queries(q, sups, timings=tm, progress=progress, labels=active)
+            logits = self.engine.segment_queries(q, sups, timings=tm, progress=progress, labels=active, **kw)
         t = time.perf_counter()
         res.active = active
         res.labels = logits_to_labels(logits, active)
