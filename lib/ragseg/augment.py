@@ -7,12 +7,12 @@ once, since its image embeddings are computed once (:func:`augmented_copies`).
 Rotation up to 15 degrees, isotropic scale 0.85-1.15, translation up to 10% of the side, then
 intensity gamma, scale and shift. No flips: left / right structures differ (the two ventricles).
 
-Where a moved image leaves its frame, the baselines' batches get 0. Fine-tuning copies follow
-their slice's own frame (:func:`frame_is_background`): background for a slice framed by air
-(cardiac MRI, brain, CT), the edge pixels continued for a crop that is tissue to its edge (the
-hippocampus patches). One copy with zeros everywhere lifted ACDC (0.820 vs 0.792 without) but cost
-hippocampus (0.687 vs 0.755); edge pixels everywhere gave ACDC 0.794 and hippocampus 0.761
-(docs/results.md, "Augmented copies").
+Where a moved image leaves its frame it gets 0, so only slices framed by background (air around
+the body: cardiac MRI, brain, CT) are copied for fine-tuning (:func:`frame_is_background`); a crop
+that is tissue to its edge (the hippocampus patches) gets no copies, since any fill beyond its frame
+is invented: zeros there cost hippocampus 0.687 vs 0.755 without copies, its edge pixels continued
+0.743 / 0.710 vs 0.765 / 0.731 (two seeds), while one copy of ACDC's background-framed slices gives
+0.810 / 0.799 vs 0.787 / 0.783 (docs/results.md, "Augmented copies").
 """
 
 from __future__ import annotations
@@ -37,14 +37,11 @@ def frame_is_background(x: np.ndarray) -> bool:
     return border_background(x) <= float(np.percentile(np.asarray(x), 10))
 
 
-def random_affine_intensity(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator,
-                            outside: str = "zeros") -> tuple[torch.Tensor, torch.Tensor]:
+def random_affine_intensity(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Augment a batch: ``x`` [n, 1, H, W] intensities in [0, 1], ``y`` [n, 1, H, W] label values
-    (nearest-neighbour, so values stay labels). Returns new tensors. Where the moved image leaves
-    the frame, labels are 0 and intensities are 0 (``outside="zeros"``) or the nearest edge
-    pixel's (``"border"``)."""
-    if outside not in ("zeros", "border"):
-        raise ValueError(f"outside must be 'zeros' or 'border', not {outside!r}")
+    (nearest-neighbour, so values stay labels). Returns new tensors; where the moved image leaves
+    the frame, intensities and labels are 0."""
     n = x.shape[0]
     ang = torch.from_numpy(rng.uniform(-np.pi / 12, np.pi / 12, n)).float()
     sc = torch.from_numpy(rng.uniform(0.85, 1.15, n)).float()
@@ -56,7 +53,7 @@ def random_affine_intensity(x: torch.Tensor, y: torch.Tensor, rng: np.random.Gen
     theta[:, 1, 1] = torch.cos(ang) / sc
     theta[:, :, 2] = tr
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode=outside, align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     y = F.grid_sample(y.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False).long()
     gamma = torch.from_numpy(np.exp(rng.uniform(-0.3, 0.3, n))).float().view(n, 1, 1, 1)
     x = x.clamp(0, 1) ** gamma
@@ -66,23 +63,28 @@ def random_affine_intensity(x: torch.Tensor, y: torch.Tensor, rng: np.random.Gen
 
 
 def augmented_copies(slices01: Sequence[np.ndarray], label_slices: Sequence[np.ndarray], copies: int,
-                     seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """``copies`` augmented versions of every (slice, label) pair, each on its slice's own grid
-    (slices may differ in size): copy 1 of every pair in order, then copy 2, ... Intensities are
-    clipped to [0, 1] and labels keep their dtype. The same ``seed`` gives the same copies (so an
-    embedding cache keyed by content serves a re-run)."""
+                     seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray], list[int]]:
+    """``copies`` augmented versions of every (slice, label) pair whose frame is background
+    (:func:`frame_is_background`; the others get none), each on its slice's own grid (slices may
+    differ in size): copy 1 of every such pair in order, then copy 2, ... Returns the copies, their
+    labels and the index of the pair each came from. Intensities are clipped to [0, 1] and labels
+    keep their dtype. The same ``seed`` gives the same copies (so an embedding cache keyed by
+    content serves a re-run)."""
     rng = np.random.default_rng(seed)
     out_x: list[np.ndarray] = []
     out_y: list[np.ndarray] = []
+    src: list[int] = []
+    framed = [i for i, s in enumerate(slices01) if frame_is_background(s)]
     for _ in range(max(0, int(copies))):
-        for s, lab in zip(slices01, label_slices):
-            lab = np.asarray(lab)
-            x, y = random_affine_intensity(torch.as_tensor(np.ascontiguousarray(s, np.float32))[None, None],
+        for i in framed:
+            lab = np.asarray(label_slices[i])
+            x, y = random_affine_intensity(torch.as_tensor(np.ascontiguousarray(slices01[i], np.float32))[None, None],
                                            torch.as_tensor(np.ascontiguousarray(lab).astype(np.int64))[None, None],
-                                           rng, outside="zeros" if frame_is_background(s) else "border")
+                                           rng)
             out_x.append(x[0, 0].clamp(0, 1).numpy())
             out_y.append(y[0, 0].numpy().astype(lab.dtype))
-    return out_x, out_y
+            src.append(i)
+    return out_x, out_y, src
 
 
 def with_augmented_copies(slices01: Sequence[np.ndarray], label_slices: Sequence[np.ndarray],
@@ -90,6 +92,5 @@ def with_augmented_copies(slices01: Sequence[np.ndarray], label_slices: Sequence
                           ) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
     """The pairs followed by their :func:`augmented_copies`; a copy keeps its slice's group (patient),
     so a fine-tuning episode never takes a copy of its query's patient as a support."""
-    ax, ay = augmented_copies(slices01, label_slices, copies, seed)
-    reps = len(ax) // max(1, len(slices01))
-    return list(slices01) + ax, list(label_slices) + ay, list(groups) * (1 + reps)
+    ax, ay, src = augmented_copies(slices01, label_slices, copies, seed)
+    return list(slices01) + ax, list(label_slices) + ay, list(groups) + [groups[i] for i in src]

@@ -467,8 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="share of fine-tuning episodes whose supports are the pool slices most like the query, "
                          "as retrieval serves them (the rest random; default: %(default)s)")
     ev.add_argument("--augment-copies", type=_count, default=defaults.FINETUNE_AUGMENT, metavar="N",
-                    help="fine-tuning: augmented copies of each pool slice encoded with it (rotation, scale, "
-                         "shift, intensity; 0: none; default: %(default)s)")
+                    help="fine-tuning: augmented copies of each pool slice framed by background encoded with it "
+                         "(rotation, scale, shift, intensity; tissue-to-the-edge crops get none; 0: none; "
+                         "default: %(default)s)")
     ev.add_argument("--precision", choices=defaults.FINETUNE_PRECISIONS, default=defaults.FINETUNE_PRECISION,
                     help=_PRECISION_HELP)
     ev.add_argument("--baseline-iters", type=int, default=defaults.BASELINE_MAX_ITERS,
@@ -502,8 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="share of fine-tuning episodes whose supports are the pool slices most like the query, "
                          "as retrieval serves them (the rest random; default: %(default)s)")
     ft.add_argument("--augment-copies", type=_count, default=defaults.FINETUNE_AUGMENT, metavar="N",
-                    help="augmented copies of each labeled slice encoded with it (rotation, scale, shift, "
-                         "intensity; 0: none; default: %(default)s)")
+                    help="augmented copies of each labeled slice framed by background encoded with it (rotation, "
+                         "scale, shift, intensity; tissue-to-the-edge crops get none; 0: none; default: %(default)s)")
     ft.add_argument("--precision", choices=defaults.FINETUNE_PRECISIONS, default=defaults.FINETUNE_PRECISION,
                     help=_PRECISION_HELP)
     _model_args(ft)

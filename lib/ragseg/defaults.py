@@ -136,15 +136,14 @@ FINETUNE_RETRIEVED = 1.0  # share of episodes whose supports are drawn like retr
 # 4 (more varied supports) gave ACDC 0.769 vs 0.793 with 2 (seed 0)
 FINETUNE_RETRIEVED_POOL = 2  # a retrieved-like draw takes k of the k x this most similar candidates
 
-# augmented copies (rotation, scale, shift, intensity; ragseg.augment) of every labeled slice,
-# encoded once with the pool (~1.1 s per slice on 2 CPU threads). Off by default: one copy lifts
-# ACDC (4 labeled) to 0.820 / 0.813 over two seeds (0.792 / 0.783 without; 754 s with ~87 s of it
-# encoding the copies; 0.810 / 0.799 in 455-494 s + encoding with bf16), but drops hippocampus to
-# 0.687 (0.755 without; docs/results.md, "Augmented copies"). Both effects come from the zeros where a
-# moved copy leaves the frame; copies now continue a tissue-framed crop's edge instead (ragseg.augment;
-# ACDC's and MS's slices are background-framed, so unchanged), which still leaves hippocampus below no
-# copies with bf16: 0.743 / 0.710 vs 0.765 / 0.731 (seeds 0 / 1). So copies stay opt-in.
-FINETUNE_AUGMENT = 0
+# augmented copies (rotation, scale, shift, intensity; ragseg.augment) of every labeled slice framed by
+# background (air around the body), encoded once with the pool (~1.1 s per slice on 2 CPU threads).
+# Crops that are tissue to their edge get none: what lies beyond their frame would be invented. One copy
+# lifts ACDC (4 labeled, all background-framed) to 0.810 / 0.799 over two seeds with bf16 (0.787 / 0.783
+# without; 455-494 s + ~87 s encoding the copies) and 0.820 / 0.813 in float32; hippocampus crops (all
+# tissue-framed) are not copied - copying them cost 0.687 (zeros beyond the frame) or 0.743 / 0.710 (the
+# edge continued) vs 0.765 / 0.731 without (docs/results.md, "Augmented copies").
+FINETUNE_AUGMENT = 1
 FINETUNE_MAX_AUGMENT = 8  # what the train task accepts (each copy is one more encode per labeled slice)
 
 # --- Ray scale-out (ragseg.scale) ------------------------------------------------------------------

@@ -66,8 +66,9 @@ def train_decoder(items: Sequence[LabeledVolume], adapter: DecoderAdapter, pre: 
                   on_epoch: Callable[[int, dict], bool | None] | None = None) -> TrainResult:
     """Fine-tune a prototype decoder on the labeled slices of ``items`` and save it to ``out_dir``.
 
-    ``augment``: augmented copies of every labeled slice encoded with them
-    (:func:`ragseg.augment.augmented_copies`, drawn with ``seed``); 0: none.
+    ``augment``: augmented copies of every labeled slice framed by background encoded with them
+    (:func:`ragseg.augment.augmented_copies`, drawn with ``seed``; crops that are tissue to their
+    edge get none); 0: none.
     ``precision``: auto / bf16 / float32 (:func:`ragseg.fewshot.finetune`); the manifest records
     the one used.
     """

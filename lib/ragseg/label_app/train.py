@@ -10,7 +10,7 @@ server's infer task picks the new decoder up on its next request.
 
 Request params (JSON body of ``POST /train/<name>``): ``epochs``, ``lr``, ``k``, ``use_box``,
 ``max_episodes``, ``seed``, ``retrieved_episodes`` (share of episodes with retrieval-like supports,
-0..1), ``augment_copies`` (augmented copies of each labeled slice, 0..8), ``precision`` (auto, bf16 or
+0..1), ``augment_copies`` (augmented copies of each labeled slice framed by background, 0..8), ``precision`` (auto, bf16 or
 float32: the arithmetic of the decoder's forward passes), ``labels`` (names or values; default all
 labeled).
 """
