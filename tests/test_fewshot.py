@@ -145,7 +145,7 @@ def test_cli_finetune_then_segment_with_the_decoder(tmp_path):
                               timeout=900)
 
     r = cli("finetune", str(root), str(root / "labels" / "final"), "--out", str(tmp_path / "dec"), "--epochs", "2",
-            "--modality", "CT")
+            "--modality", "CT", "--augment-copies", "0")  # copies: test_train_decoder_groups_frames_of_one_patient
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["epochs"] == 2 and res["epoch_s"] > 0 and 0 < res["best_metric"] <= 1
@@ -162,7 +162,8 @@ def test_cli_finetune_then_segment_with_the_decoder(tmp_path):
 
     # a decoder trained on another backbone (SAM 2) is refused with a clear message
     r = cli("finetune", str(root), str(root / "labels" / "final"), "--out", str(tmp_path / "dec2"), "--epochs", "1",
-            "--backbone", "sam2", "--random-weights-for-testing", "--image-size", "128", "--modality", "CT")
+            "--backbone", "sam2", "--random-weights-for-testing", "--image-size", "128", "--modality", "CT",
+            "--augment-copies", "0")
     assert r.returncode == 0, r.stderr[-2000:]
     r = cli("segment", str(root / "subject_02.nii.gz"), "--supports", str(root), "--decoder", str(tmp_path / "dec2"),
             "-o", str(out), "--backend", "litemedsam", "--modality", "CT")
