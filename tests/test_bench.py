@@ -39,7 +39,7 @@ def test_bench_litemedsam_quick(tmp_path):
     assert p.returncode == 0, p.stderr
     res = json.loads(out.read_text())
     rows = {r["variant"]: r for r in res["encoder"]["rows"]}
-    assert "+ channels_last (ours)" in rows and rows["package: no_grad, contiguous, batch 1"]["speedup_vs_package"] == 1
+    assert "+ malloc thresholds 1 GiB (ours)" in rows and rows["package: no_grad, contiguous, batch 1"]["speedup_vs_package"] == 1
     # every variant computes the same embedding (memory format and batching change speed only)
     assert all(r["max_abs_diff"] < 1e-3 for r in rows.values()), rows
     ft = res["finetune"]

@@ -55,6 +55,12 @@ SEARCH_OVERFETCH = 8  # fetch k * this candidates before filtering by label / ex
 FAISS_MAX_K = 2048  # FAISS GPU indexes refuse k above this; past it, filtered slices are scored exactly
 LOCK_TIMEOUT_S = 120.0
 
+# --- process memory (ragseg.allocator) --------------------------------------------------------------
+# glibc returns freed blocks above 128 KiB to the kernel, so CPU inference re-faults every activation
+# buffer; above these sizes it still does (a huge volume's array is still unmapped when freed)
+MALLOC_TRIM_THRESHOLD = 1 << 30
+MALLOC_MMAP_THRESHOLD = 1 << 30
+
 # --- caches ----------------------------------------------------------------------------------
 MEMORY_CACHE_ITEMS = 512  # support memories kept in RAM (about 130 KB each at 512 px)
 FEATURE_CACHE_BYTES = 1 << 30  # query-slice encoder features kept across requests (~4 MB/slice at 512)
