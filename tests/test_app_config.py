@@ -46,6 +46,8 @@ def test_defaults_and_types():
     ("max_regions", "0", "--conf max_regions: must be between 1 and 64"),
     ("region_score", "cosine", "--conf region_score: must be one of prototype, linear"),
     ("location_prior", "-2", "--conf location_prior: must be between -1 and 64"),
+    ("pacs_attempts", "0", "--conf pacs_attempts: must be between 1 and 10"),
+    ("pacs_retry_wait", "soon", "--conf pacs_retry_wait: expected a number"),
 ])
 def test_errors_name_the_key(key, value, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
@@ -72,3 +74,58 @@ def test_backend_choice(tmp_path, monkeypatch):
     ck.parent.mkdir(parents=True)
     ck.write_bytes(b"x")
     assert choose_backend(ModelConfig()) == ("rag-sam2", "SAM 2 checkpoint sam2.1-hiera-tiny found")
+
+
+def test_pacs_retries_are_the_configured_attempts(tmp_path):
+    """A PACS answering 503 (or refusing connections) is tried pacs_attempts times, not
+    dicomweb-client's 5 tries over 30 s; the conf keys reach the app's DICOMweb client."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import requests
+    import retrying
+    from dicomweb_client.api import DICOMwebClient
+    from monailabel.datastore.dicom import DICOMWebDatastore
+
+    from ragseg.label_app.dicomweb import seg_writing, set_retries
+
+    hits: list[str] = []
+
+    class Busy(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            hits.append(self.path)
+            self.send_response(503)
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Busy)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        client = DICOMwebClient(url=f"http://127.0.0.1:{httpd.server_port}/dicom-web")
+        for attempts in (3, 1):
+            hits.clear()
+            set_retries(client, attempts, 0.01)
+            with pytest.raises((requests.HTTPError, retrying.RetryError), match="503"):  # retries spent / none
+                client.search_for_series(search_filters={"Modality": "SEG"})
+            assert len(hits) == attempts, hits
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    # a refused connection is retried the same way
+    dead = DICOMwebClient(url=f"http://127.0.0.1:{httpd.server_port}/dicom-web")
+    calls = []
+    real_get = dead._session.get
+    dead._session.get = lambda *a, **kw: (calls.append(1), real_get(*a, **kw))[1]
+    set_retries(dead, 2, 0.01)
+    with pytest.raises(requests.ConnectionError):
+        dead.search_for_series()
+    assert len(calls) == 2
+
+    cfg = AppConfig.from_conf({"pacs_attempts": "4", "pacs_retry_wait": "0.2"})
+    assert (cfg.pacs_attempts, cfg.pacs_retry_wait) == (4, 0.2)
+    ds = DICOMWebDatastore.__new__(DICOMWebDatastore)  # the instance MONAI Label built; only its client matters
+    ds._client = DICOMwebClient(url="http://127.0.0.1:1/dicom-web")
+    seg_writing(ds, dict, attempts=cfg.pacs_attempts, retry_wait_s=cfg.pacs_retry_wait)
+    assert ds._client._max_attempts == 4 and ds._client._wait_exponential_multiplier == 100  # waits 0.2, 0.4, 0.8 s

@@ -55,6 +55,14 @@ SEARCH_OVERFETCH = 8  # fetch k * this candidates before filtering by label / ex
 FAISS_MAX_K = 2048  # FAISS GPU indexes refuse k above this; past it, filtered slices are scored exactly
 LOCK_TIMEOUT_S = 120.0
 
+# --- DICOMweb (PACS) --------------------------------------------------------------------------------
+# dicomweb-client retries every failed request (a refused connection too) 5 times, waiting 2, 4, 8,
+# 16 s: an infer or save during a PACS outage hung 30 s before its 503. Attempts per request and the
+# first wait (doubling after each attempt): 3 and 0.5 s ride out a PACS restart's blip and answer an
+# outage in ~1.5 s.
+PACS_ATTEMPTS = 3
+PACS_RETRY_WAIT_S = 0.5
+
 # --- process memory (ragseg.allocator) --------------------------------------------------------------
 # glibc returns freed blocks above 128 KiB to the kernel, so CPU inference re-faults every activation
 # buffer; above these sizes it still does (a huge volume's array is still unmapped when freed)

@@ -111,6 +111,8 @@ class AppConfig:
     reconcile_interval: float = 5.0
     embed_unlabeled: bool = True  # embed unlabeled images in the background for the diversity strategy
     infer_concurrency: int = 1  # segmentations run at once; more requests wait on worker threads
+    pacs_attempts: int = defaults.PACS_ATTEMPTS  # DICOMweb: tries per request (1: no retry)
+    pacs_retry_wait: float = defaults.PACS_RETRY_WAIT_S  # DICOMweb: first wait between tries, doubling
     ohif_seg_fix: bool = True  # undo the bundled OHIF's z-mirrored SEG export (see ragseg.seg)
     ray_address: str = ""  # batch infer of unlabeled images on Ray: 'local', 'auto', host:port, ray://host:10001
     ray_actors: int = 0  # Ray worker actors (0: as the cluster's CPUs/GPUs allow)
@@ -170,6 +172,10 @@ class AppConfig:
                 val = _number(key, v, 0, 4096)
             elif key == "infer_concurrency":
                 val = _number(key, v, 1, 64)
+            elif key == "pacs_attempts":
+                val = _number(key, v, 1, 10)
+            elif key == "pacs_retry_wait":
+                val = _number(key, v, 0.0, 60.0, float)
             elif key == "reconcile_interval":
                 val = _number(key, v, 0.5, 3600.0, float)
             elif key in ("same_image_supports", "propagate", "precompute_memories", "random_weights_for_testing",

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from monailabel.datastore.dicom import DICOMWebDatastore
 
+from .. import defaults
 from ..atomic import atomic_write
 from ..errors import InputError
 from ..seg import instances_ascend_along_normal, read_seg_labels, write_seg, written_by_dcmjs
@@ -199,17 +200,29 @@ def label_names_by_value(label_info: dict | None, names: dict[str, int]) -> dict
     return out
 
 
-def seg_writing(datastore, names: Callable[[], dict[str, int]]):
-    """Make a MONAI Label DICOMweb datastore write final labels as SEGs with correct names and codes.
+def seg_writing(datastore, names: Callable[[], dict[str, int]], *, attempts: int = defaults.PACS_ATTEMPTS,
+                retry_wait_s: float = defaults.PACS_RETRY_WAIT_S):
+    """Make a MONAI Label DICOMweb datastore write final labels as SEGs with correct names and codes,
+    and fail fast when the PACS is down.
 
     The instance's class is swapped for :class:`SegDicomwebDatastore` rather than building a new
     one, because MONAI Label builds the DICOMweb client and the cache folder (with its file
-    watcher) in one place that a subclass cannot reach.
+    watcher) in one place that a subclass cannot reach. The client's retries are set here for the
+    same reason: ``attempts`` tries per request, waiting ``retry_wait_s``, then twice that, ...
+    (dicomweb-client's own 5 tries from 2 s kept a request 30 s on a PACS that is down).
     """
     if isinstance(datastore, DICOMWebDatastore):
         datastore.__class__ = SegDicomwebDatastore
         datastore.label_names = names
+        set_retries(datastore._client, attempts, retry_wait_s)
     return datastore
+
+
+def set_retries(client, attempts: int, first_wait_s: float) -> None:
+    """Tries per DICOMweb request; the waits between them start at ``first_wait_s`` and double."""
+    # the `retrying` package dicomweb-client uses waits multiplier * 2**attempt ms after each attempt
+    client.set_http_retry_params(retry=attempts > 1, max_attempts=attempts,
+                                 wait_exponential_multiplier=max(1, round(first_wait_s * 1000 / 2)))
 
 
 class SegDicomwebDatastore(DICOMWebDatastore):

@@ -57,7 +57,8 @@ class Services:
 
     def remote_datastore(self, datastore):
         """MONAI Label's remote datastore; a DICOMweb one writes SEGs with correct names and codes."""
-        return seg_writing(datastore, lambda: dict(self.cfg.labels))
+        return seg_writing(datastore, lambda: dict(self.cfg.labels), attempts=self.cfg.pacs_attempts,
+                           retry_wait_s=self.cfg.pacs_retry_wait)
 
     def start(self, datastore) -> None:
         """Server process only: load models and start re-indexing (never in train subprocesses)."""
