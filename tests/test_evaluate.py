@@ -18,13 +18,13 @@ from ragseg.synthetic import make_dataset
 @pytest.mark.slow
 def test_harness_outputs_and_dice_match_numpy(tmp_path):
     root = tmp_path / "ds"
-    make_dataset(root, n_subjects=2, n_labeled=2, shape=(64, 64, 10), seed=3)
+    make_dataset(root, n_subjects=2, n_labeled=2, shape=(64, 64, 6), seed=3)  # few slices: each is a real encode
     out = tmp_path / "eval"
     env = {**os.environ, "RAGSEG_CACHE_DIR": str(tmp_path / "cache")}
     cmd = [sys.executable, "-m", "ragseg.cli", "evaluate", str(root), str(root / "labels" / "final"),
            "--classes", "liver=1,spleen=2", "--mode", "loso", "--n-support", "1", "--k", "1,2",
            "--methods", "retrieved,random,finetuned,gt-box,unet,dynunet", "--finetune-epochs", "1",
-           "--baseline-iters", "2",
+           "--baseline-iters", "2", "--baseline-size", "64",
            "--modality", "CT", "--save-predictions", "--out", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -162,3 +162,13 @@ def test_confidence_interval_and_paired_difference_over_patients():
     d = paired_difference(rows, ["x", "y"])[(3, 4)]
     assert d["diff"] == pytest.approx(0.1, abs=0.01) and d["wins"] == 6 and d["patients"] == 6
     assert d["ci95"] < 0.02  # paired: the large between-patient spread cancels
+
+
+def test_bad_baseline_size_is_refused_before_any_work():
+    from ragseg.errors import RagsegError
+    from ragseg.evaluate import EvalConfig
+
+    for size in (0, 100):
+        with pytest.raises(RagsegError, match="multiple of 32"):
+            EvalConfig(images="", labels=None, out="", classes={"x": 1}, baseline_size=size).validate()
+    EvalConfig(images="", labels=None, out="", classes={"x": 1}, baseline_size=64).validate()

@@ -13,9 +13,8 @@ import sys
 
 import pytest
 
-from .integration import SHARED_DATA, needs, shared_missing
+from .integration import acdc_slab, needs, shared_missing
 
-ACDC = SHARED_DATA / "acdc-sample"
 ACDC_3 = "patient001_frame01,patient001_frame12,patient002_frame01,patient002_frame12,"\
          "patient021_frame01,patient021_frame13"
 
@@ -32,12 +31,14 @@ def _evaluate(tmp_path, *args: str, timeout: int = 1200) -> subprocess.Completed
 @needs(shared_missing("acdc-sample/patient021_frame13_gt.nii.gz"))
 def test_cross_patient_learning_curve_on_acdc(tmp_path):
     """--mode cross with a learning curve over labeled patients, every method, ACDC's mixed sizes."""
+    acdc = acdc_slab(tmp_path / "acdc-slab", ACDC_3)  # 4 mid-ventricular slices per heart, each with RV, MYO, LV
     out = tmp_path / "acdc"
-    _evaluate(tmp_path, str(ACDC), "--label-suffix", "_gt", "--subjects", ACDC_3, "--classes", "RV=1,MYO=2,LV=3",
+    _evaluate(tmp_path, str(acdc), "--label-suffix", "_gt", "--subjects", ACDC_3, "--classes", "RV=1,MYO=2,LV=3",
               "--mode", "cross", "--n-support", "1,2", "--k", "1", "--seeds", "0",
               "--methods", "retrieved,random,finetuned,gt-box,unet,dynunet", "--finetune-epochs", "1",
               "--augment-copies", "0",  # copies are tested elsewhere; here each would be a real encode
-              "--baseline-iters", "2", "--feature-cache", str(tmp_path / "fc"), "--out", str(out))
+              "--baseline-iters", "2", "--baseline-size", "64",  # a DynUNet iteration at 256 px is ~10 s here
+              "--feature-cache", str(tmp_path / "fc"), "--out", str(out))
     rows = list(csv.DictReader(open(out / "results.csv")))
     # 1 query patient (both frames) x 2 pool sizes x 3 classes x 6 methods
     assert len(rows) == 2 * 2 * 3 * 6
@@ -48,7 +49,8 @@ def test_cross_patient_learning_curve_on_acdc(tmp_path):
         assert not {p.split("_frame")[0] for p, _ in c["pool"]} & queried  # no patient on both sides
     summary = (out / "summary.md").read_text()
     assert "retrieved - random" in summary and "mean ± 95% CI" in summary
-    assert "- unet:" in summary and "- dynunet:" in summary and "- fine-tuning:" in summary
+    assert "- unet: 2 training(s) at 64 px" in summary and "- dynunet: 2 training(s) at 64 px" in summary
+    assert "- fine-tuning:" in summary
     assert "s per slice" in summary  # encoding was timed (fresh cache)
     for f in ("learning_curve.png", "dice_by_k.png"):
         assert (out / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f
@@ -65,7 +67,7 @@ def test_cross_patient_learning_curve_on_acdc(tmp_path):
     assert f"{want} arithmetic" in summary
     # a re-run reads every embedding from the feature cache instead of encoding
     out2 = tmp_path / "again"
-    _evaluate(tmp_path, str(ACDC), "--label-suffix", "_gt", "--subjects", ACDC_3, "--classes", "RV=1,MYO=2,LV=3",
+    _evaluate(tmp_path, str(acdc), "--label-suffix", "_gt", "--subjects", ACDC_3, "--classes", "RV=1,MYO=2,LV=3",
               "--mode", "cross", "--n-support", "1", "--k", "1", "--methods", "retrieved",
               "--feature-cache", str(tmp_path / "fc"), "--out", str(out2))
     assert "came from the feature cache" in (out2 / "summary.md").read_text()

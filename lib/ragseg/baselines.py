@@ -69,7 +69,7 @@ class TrainedBaseline:
     net: torch.nn.Module
     labels: list[int]
     size: int
-    info: dict  # train_s, iters, best_val, best_iter, stopped (why), train/val slices
+    info: dict  # arch, size, train_s, iters, best_val, best_iter, stopped (why), train/val slices
 
 
 def _build(arch: str, n_out: int, size: int) -> torch.nn.Module:
@@ -240,7 +240,7 @@ def train_baseline(pool: Sequence[tuple[np.ndarray, np.ndarray]], labels: Sequen
     if best_state is not None:
         net.load_state_dict(best_state)
     net.eval()
-    info = {"arch": cfg.arch, "train_s": round(time.perf_counter() - t0, 1), "iters": it, "best_val": best,
+    info = {"arch": cfg.arch, "size": S, "train_s": round(time.perf_counter() - t0, 1), "iters": it, "best_val": best,
             "best_iter": best_iter, "stopped": stopped, "train_slices": len(tr), "val_slices": len(va)}
     logger.info("%s baseline: %s", cfg.arch, info)
     return TrainedBaseline(net, labels, S, info)

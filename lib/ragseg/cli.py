@@ -312,7 +312,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
                      finetune_epochs=a.finetune_epochs, finetune_retrieved=a.retrieved_episodes,
                      finetune_augment=a.augment_copies, finetune_precision=a.precision,
                      baseline_iters=a.baseline_iters,
-                     baseline_time_s=a.baseline_time, keep_largest=not a.no_keep_largest,
+                     baseline_time_s=a.baseline_time, baseline_size=a.baseline_size, keep_largest=not a.no_keep_largest,
                      save_predictions=a.save_predictions, figures=not a.no_figures, image_suffix=a.image_suffix,
                      feature_cache=a.feature_cache, image_size=a.image_size,
                      random_weights=a.random_weights_for_testing, sam2_variant=a.sam2_variant,
@@ -476,6 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="unet/dynunet: iteration cap (early stopping usually ends sooner; default: %(default)s)")
     ev.add_argument("--baseline-time", type=float, default=defaults.BASELINE_TIME_LIMIT_S, metavar="SECONDS",
                     help="unet/dynunet: wall-clock cap per training (default: %(default)s)")
+    ev.add_argument("--baseline-size", type=int, default=defaults.BASELINE_SIZE, metavar="PX",
+                    help="unet/dynunet: every slice resized to PX x PX, a multiple of 32 (default: %(default)s)")
     ev.add_argument("--no-keep-largest", action="store_true",
                     help="keep every connected component of labels the pool shows as one 3D structure "
                          "(ablation of the served label rule; applies to every method but gt-box)")

@@ -112,6 +112,7 @@ class EvalConfig:
     keep_largest: bool = defaults.KEEP_LARGEST_COMPONENT  # one-structure labels: largest 3D component only
     baseline_iters: int = defaults.BASELINE_MAX_ITERS  # unet / dynunet: iteration cap
     baseline_time_s: float = defaults.BASELINE_TIME_LIMIT_S  # unet / dynunet: wall-clock cap per training
+    baseline_size: int = defaults.BASELINE_SIZE  # unet / dynunet: slices resized to this side
     save_predictions: bool = False
     figures: bool = True
     feature_cache: str | None = None  # folder keeping LiteMedSAM slice embeddings across runs
@@ -136,6 +137,8 @@ class EvalConfig:
             self.n_support = [self.n_support]
         if not self.n_support or min(self.n_support) < 1 or any(k < 1 for k in self.ks):
             raise RagsegError("n_support and every k must be >= 1")
+        if self.baseline_size < 32 or self.baseline_size % 32:  # fail before any encoding, not at the baselines
+            raise RagsegError(f"baseline size must be a positive multiple of 32, got {self.baseline_size}")
         try:
             if re.compile(self.group_pattern).groups < 1:
                 raise RagsegError(f"group pattern {self.group_pattern!r} needs a capture group (the patient)")
@@ -512,7 +515,7 @@ class Harness:
         def train():
             m = train_baseline([(s.slices[z], s.labels[z]) for s, z in case.pool], self.labels,
                                groups=[s.group or s.id for s, _ in case.pool], seed=case.seed,
-                               cfg=BaselineConfig(arch=arch, max_iters=self.cfg.baseline_iters,
+                               cfg=BaselineConfig(arch=arch, max_iters=self.cfg.baseline_iters, size=self.cfg.baseline_size,
                                                   time_limit_s=self.cfg.baseline_time_s))
             return m, m.info
 
@@ -739,7 +742,8 @@ def _timing_lines(rows: list[dict], case_info: dict, timing: dict | None) -> lis
         if tr:
             uniq = list({json.dumps(x, sort_keys=True): x for x in tr}.values())  # one training per pool
             why = ", ".join(sorted({x["stopped"] for x in uniq}))
-            lines.append(f"- {name}: {len(uniq)} training(s), {np.mean([x['train_s'] for x in uniq]):.1f} s and "
+            lines.append(f"- {name}: {len(uniq)} training(s) at {uniq[0].get('size', '?')} px, "
+                         f"{np.mean([x['train_s'] for x in uniq]):.1f} s and "
                          f"{np.mean([x['iters'] for x in uniq]):.0f} iterations each (stopped by: {why}), "
                          f"best validation Dice {np.mean([x['best_val'] for x in uniq]):.3f}")
     return lines
