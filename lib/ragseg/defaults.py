@@ -68,6 +68,7 @@ PACS_RETRY_WAIT_S = 0.5
 # buffer; above these sizes it still does (a huge volume's array is still unmapped when freed)
 MALLOC_TRIM_THRESHOLD = 1 << 30
 MALLOC_MMAP_THRESHOLD = 1 << 30
+MALLOC_ARENA_MAX = 1  # a thread's own arena unmaps its heaps when free: one arena keeps them all
 
 # --- caches ----------------------------------------------------------------------------------
 MEMORY_CACHE_ITEMS = 512  # support memories kept in RAM (about 130 KB each at 512 px)
