@@ -29,6 +29,21 @@ def test_defaults_and_types():
 
     # the models (and so the engine) are built with it
     assert Components.model_config(SimpleNamespace(cfg=c, index_dir=Path("/x"))).region_score == "linear"
+    assert Components.model_config(SimpleNamespace(cfg=c, index_dir=Path("/x"))).feature_cache is None
+    c = AppConfig.from_conf({"feature_cache": "~/feats"})
+    assert Components.model_config(SimpleNamespace(cfg=c, index_dir=Path("/x"))).feature_cache == \
+        str(Path("~/feats").expanduser())
+
+
+def test_every_key_is_documented():
+    """apps/ragseg/README.md has a row for every --conf key."""
+    import re
+    from dataclasses import fields
+
+    readme = (Path(__file__).resolve().parents[1] / "apps" / "ragseg" / "README.md").read_text()
+    keys = {f.name for f in fields(AppConfig)}
+    rows = set(re.findall(r"^\| `([a-z0-9_]+)` \|", readme, flags=re.M))
+    assert keys - rows == set(), f"--conf keys without a README row: {sorted(keys - rows)}"
 
 
 @pytest.mark.parametrize("key,value,needle", [

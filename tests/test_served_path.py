@@ -37,7 +37,7 @@ def test_intra_volume_through_the_server_matches_the_harness(tmp_path):
     src = SHARED_DATA / "totalseg-examples"
     cfg = EvalConfig(images=str(src), labels=str(src), out=str(tmp_path / "eval"), classes=CLASSES, mode="intra",
                      ks=[3], seeds=[0], methods=["retrieved"], modality="CT", label_suffix="_labels",
-                     subjects=["ct"], figures=False)
+                     subjects=["ct"], figures=False, feature_cache=str(tmp_path / "features"))
     h = Harness(cfg)
     case = _intra_cases(_load_subjects(cfg, h.pre), cfg)[0]
     harness = {r["class"]: r["dice"] for r in h.run([case], progress=False)}
@@ -53,8 +53,11 @@ def test_intra_volume_through_the_server_matches_the_harness(tmp_path):
     part[pool] = np.where(np.isin(case.query.labels[pool], list(CLASSES.values())), case.query.labels[pool], 0)
     save_label(studies / "labels" / "final" / "ct.nii.gz", slices_to_volume(part, img.affine, h.pre.axis_index), img)
 
+    # The server reads the harness's embedding cache (--conf feature_cache): it encodes nothing the
+    # harness has encoded, which also shows both paths feed LiteMedSAM the very same input bytes.
+    encoded = sorted((tmp_path / "features").rglob("*.pt"))
     conf = {"labels": ",".join(f"{k}={v}" for k, v in CLASSES.items()), "modality": "CT", "k": "3",
-            "reconcile_interval": "1"}
+            "reconcile_interval": "1", "feature_cache": str(tmp_path / "features")}
     srv = Server(studies, tmp_path / "server.log", conf,
                  env={"RAGSEG_WEIGHTS_DIR": str(tmp_path / "no-weights"), "RAGSEG_CACHE_DIR": str(tmp_path / "cache")})
     srv.start()
@@ -81,6 +84,7 @@ def test_intra_volume_through_the_server_matches_the_harness(tmp_path):
         finally:
             stop.set()
             poller.join()
+        features = srv.info()["ragseg"]["feature_cache"]
     finally:
         srv.stop()
 
@@ -89,6 +93,9 @@ def test_intra_volume_through_the_server_matches_the_harness(tmp_path):
         sup = res["supports"][name]
         assert len(sup) == 3 and all(s[0] == "ct" and s[1] in pool for s in sup), (name, sup)
     assert sorted(res["human_slices_kept"]) == pool
+    print(f"harness encoded {len(encoded)} slices; server feature cache {features}")
+    assert features["directory"] == str(tmp_path / "features") and features["hits"] >= len(pool) + len(query)
+    assert features["misses"] == 0 and sorted((tmp_path / "features").rglob("*.pt")) == encoded, features
     pred = np.moveaxis(np.asarray(nib.as_closest_canonical(nib.load(out_file)).dataobj), 2, 0)
     served = {}
     for name, v in CLASSES.items():

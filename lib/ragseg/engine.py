@@ -241,6 +241,12 @@ class FeatureCache:
             self._d.clear()
             self._bytes = 0
 
+    def stats(self) -> dict:
+        """Lookups so far (a disk hit counts as a hit) and what RAM holds, for /info and logs."""
+        with self._lock:
+            return {"hits": self.hits, "misses": self.misses, "entries": len(self._d), "bytes": self._bytes,
+                    "directory": str(self.directory) if self.directory else None}
+
 
 class RagSam2Engine:
     """Segments query slices from support memories with SAM 2's memory attention.

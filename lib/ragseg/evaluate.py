@@ -292,7 +292,6 @@ class Harness:
     """Runs the methods on cases; models are built once and shared (embeddings cached)."""
 
     def __init__(self, cfg: EvalConfig):
-        from .engine import FeatureCache
         from .factory import ModelConfig, ModelSet
 
         cfg.validate()
@@ -302,10 +301,9 @@ class Harness:
                                            location_prior=cfg.location_prior, max_regions=cfg.max_regions,
                                            area_cap=cfg.area_cap, region_score=cfg.region_score,
                                            image_size=cfg.image_size, random_weights=cfg.random_weights,
-                                           sam2_variant=cfg.sam2_variant))
-        if self.models.backend == "litemedsam" or {"finetuned", "gt-box"} & set(cfg.methods):
-            # every slice of a data set stays in RAM once encoded (float16, 2 MB each)
-            self.models.lite().features = FeatureCache(max_bytes=8 << 30, directory=cfg.feature_cache)
+                                           sam2_variant=cfg.sam2_variant, feature_cache=cfg.feature_cache,
+                                           # every slice of a data set stays in RAM once encoded (2 MB each)
+                                           feature_cache_bytes=8 << 30))
         self.embedder = self.models.embedder()
         self.engine = self.models.engine()
         self._single: dict[str, set[int]] = {}  # pool key -> labels that are one 3D structure there

@@ -50,6 +50,9 @@ class ModelConfig:
     image_size: SAM 2 input size (1024 official; smaller is faster, less accurate).
     device: 'auto', 'cpu' or 'cuda[:n]'.
     memory_cache: directory of cached support memories (None: RAM only).
+    feature_cache: directory keeping every LiteMedSAM slice embedding on disk (None: RAM only), so a
+        restarted server or a re-run skips the image encoder; unbounded (2 MB per slice).
+    feature_cache_bytes: RAM bound of the LiteMedSAM slice-embedding cache.
     random_weights: TESTS AND BENCHMARKS ONLY. Build the same architectures with random weights.
     """
 
@@ -68,6 +71,8 @@ class ModelConfig:
     dinov2_image_size: int = defaults.DINOV2_IMAGE_SIZE
     device: str = "auto"
     memory_cache: str | None = None
+    feature_cache: str | None = None
+    feature_cache_bytes: int = defaults.FEATURE_CACHE_BYTES
     random_weights: bool = False
     seed: int = 0
 
@@ -141,16 +146,22 @@ class ModelSet:
         self._lite = None
 
     def lite(self):
+        from .engine import FeatureCache
         from .litemedsam import LiteMedSAM
 
         if self._lite is None:
             device = pick_device(self.cfg.device)
+            features = FeatureCache(max_bytes=self.cfg.feature_cache_bytes, directory=self.cfg.feature_cache)
             if self.cfg.random_weights:
                 logger.warning("LiteMedSAM with RANDOM weights (tests only): masks are meaningless")
-                self._lite = LiteMedSAM.random(self.cfg.seed, device=device)
+                self._lite = LiteMedSAM.random(self.cfg.seed, device=device, feature_cache=features)
             else:
-                self._lite = LiteMedSAM(device=device)
+                self._lite = LiteMedSAM(device=device, feature_cache=features)
         return self._lite
+
+    def feature_cache_stats(self) -> dict | None:
+        """The LiteMedSAM embedding cache's counters (None until LiteMedSAM is loaded)."""
+        return None if self._lite is None else self._lite.features.stats()
 
     def embedder(self) -> Embedder:
         from .litemedsam import LiteMedSamEmbedder

@@ -48,7 +48,8 @@ class Components:
         return ModelConfig(backend=c.backend, retrieval=c.retrieval, location_prior=c.location_prior,
                            max_regions=c.max_regions, area_cap=c.area_cap, region_score=c.region_score, sam2=c.sam2_checkpoint, sam2_variant=c.sam2_variant,
                            dinov2=c.dinov2, pooling=c.pooling, image_size=c.image_size, device=c.device,
-                           random_weights=c.random_weights_for_testing, memory_cache=str(self.index_dir / "memories"))
+                           random_weights=c.random_weights_for_testing, memory_cache=str(self.index_dir / "memories"),
+                           feature_cache=str(Path(c.feature_cache).expanduser()) if c.feature_cache else None)
 
     @property
     def backend(self) -> str:
@@ -174,6 +175,9 @@ class Components:
             st["decoder"] = {"path": self._decoder_stamp[0], **getattr(self, "decoder_manifest", {})}
         if not usable and not blocking:
             st["reasons"] = {"loading": "models are still loading"}
+        fc = self.models.feature_cache_stats()
+        if fc is not None:
+            st["feature_cache"] = fc
         if self._index is not None:
             st["index"] = {"slices": len(self._index), "images": len(self._index.images()),
                            "stale_reason": self._index.stale_reason, "path": str(self._index.path)}

@@ -104,6 +104,7 @@ class AppConfig:
     ct_window: str = defaults.DEFAULT_CT_WINDOW
     device: str = "auto"
     index_dir: str = ""  # default: <studies>/.ragseg (local) or <app_dir>/.ragseg (remote)
+    feature_cache: str = ""  # folder keeping LiteMedSAM slice embeddings on disk across restarts ('': RAM only)
     labels: dict[str, int] = field(default_factory=dict)
     same_image_supports: bool = True
     propagate: bool = False
