@@ -14,7 +14,7 @@ from ragseg.synthetic import make_dataset
 from .server_utils import Server
 
 pytestmark = pytest.mark.slow
-SHAPE = (64, 64, 12)
+SHAPE = (64, 64, 8)
 
 
 @pytest.fixture(scope="module")
