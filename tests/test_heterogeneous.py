@@ -17,7 +17,7 @@ from scipy import ndimage
 
 from ragseg.synthetic import make_subject, write_subject
 
-from .integration import SHARED_DATA, needs, shared_missing
+from .integration import acdc_slab, needs, shared_missing
 from .server_utils import Server
 
 SIZES = [(48, 40, 5), (64, 56, 5), (40, 64, 5)]  # in-plane sizes differ; the query's is new
@@ -90,7 +90,9 @@ CLASSES = {"rv": 1, "myo": 2, "lv": 3}
 @pytest.mark.server
 @needs(shared_missing(*[f"{ACDC}/{p}_frame01{s}.nii.gz" for p in POOL + [QUERY] for s in ("", "_gt")]))
 def test_acdc_index_four_patients_infer_a_fifth_through_the_server(tmp_path):
-    src = SHARED_DATA / ACDC
+    # 5 slices of each heart (every class, each patient's own in-plane size and affine): each slice
+    # is a real LiteMedSAM encode, and CI time is tight
+    src = acdc_slab(tmp_path / "slabs", [f"{p}_frame01" for p in POOL + [QUERY]], z=slice(1, 6))
     studies = tmp_path / "studies"
     (studies / "labels" / "final").mkdir(parents=True)
     for p in POOL + [QUERY]:
@@ -135,6 +137,6 @@ def test_acdc_index_four_patients_infer_a_fifth_through_the_server(tmp_path):
         assert n >= 1 and sizes.min() >= 0.5 * sizes.max(), (v, sizes)
     print("ACDC cross-patient Dice through the server (4 labeled patients, training-free LiteMedSAM, k=3):", dice,
           "heart (any label):", round(heart, 3))
-    # Measured: heart 0.6+, RV 0.74, MYO 0.27, LV 0.28 (a box cannot say "ring": issue #12). The
-    # bounds check that the heart is found on a patient of another size, with a wide margin.
-    assert heart > 0.45 and np.mean(list(dice.values())) > 0.25, (heart, dice)
+    # Measured on these slabs (2026-11-30): heart 0.70, RV 0.78, MYO 0.38, LV 0.88. The bounds check
+    # that the heart and its chambers are found on a patient of another size, with a wide margin.
+    assert heart > 0.55 and np.mean(list(dice.values())) > 0.5, (heart, dice)
