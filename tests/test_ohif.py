@@ -27,7 +27,7 @@ from .server_utils import Server
 
 WHY = MISSING or browser_utils.missing()
 pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.browser, needs(WHY)]
-SHAPE = (96, 96, 12)
+SHAPE = (96, 96, 8)
 NAMES = {v: k for k, v in LABEL_NAMES.items()}  # liver=1, spleen=2, kidney=3
 
 OHIF_STATE = """() => {
