@@ -40,7 +40,7 @@ class Server:
                "--studies", studies_override or str(self.studies), "--host", "127.0.0.1", "--port", str(self.port)]
         for k, v in self.conf.items():
             cmd += ["--conf", k, str(v)]
-        env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1", **self.extra_env)
+        env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1", **self.extra_env}
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         self._fh = open(self.log, "wb")
         self.proc = subprocess.Popen(cmd, stdout=self._fh, stderr=subprocess.STDOUT, env=env,
