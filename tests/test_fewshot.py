@@ -125,6 +125,8 @@ def test_finetune_litemedsam_decoder_raises_heldout_dice(tmp_path):
           f"held-out Dice {before:.3f} -> {after:.3f}; {np.mean([h['seconds'] for h in res.history]):.1f} s/epoch")
     assert res.history[-1]["loss"] < res.history[0]["loss"]
     assert after > before
+    # the served model stays frozen: no gradient reaches its encoder, prompt encoder or decoder
+    assert all(p.grad is None for p in ad.lite.net.parameters())
 
 
 @pytest.mark.slow

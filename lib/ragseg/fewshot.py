@@ -80,8 +80,11 @@ class DecoderAdapter(Protocol):
 
 
 def _dense(prompt_encoder: nn.Module, n: int, grid: int) -> torch.Tensor:
-    """The decoder's dense prompt when no mask is given ("no mask" embedding everywhere)."""
-    return prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(n, -1, grid, grid)
+    """The decoder's dense prompt when no mask is given ("no mask" embedding everywhere).
+
+    Detached: the prompt encoder is the frozen backbone's, shared with the served model; without
+    it every fine-tuning step summed a [n, C, g, g] gradient into that model's ``.grad``."""
+    return prompt_encoder.no_mask_embed.weight.detach().reshape(1, -1, 1, 1).expand(n, -1, grid, grid)
 
 
 class LiteMedSamAdapter:
