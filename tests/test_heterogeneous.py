@@ -123,6 +123,8 @@ def test_acdc_index_four_patients_infer_a_fifth_through_the_server(tmp_path):
     assert sorted(res["segmented_labels"]) == sorted(CLASSES) and res["missing_labels"] == []
     # RV, MYO and LV are one connected structure in each labeled heart: one component each
     assert sorted(res["largest_component_only"]) == sorted(CLASSES), res
+    # the pool's hearts show the LV inside the myocardium's ring, and nothing else enclosed
+    assert res["enclosed"] == [["lv", "myo"]], res
     assert {sid for sups in res["supports"].values() for sid, _ in sups} <= set(POOL)
     pred, query = nib.load(out), nib.load(src / f"{QUERY}_frame01.nii.gz")
     assert pred.shape == query.shape and np.allclose(pred.affine, query.affine, atol=1e-4)

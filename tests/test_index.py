@@ -68,7 +68,7 @@ def test_replace_on_resave_and_persistence(tmp_path, rng):
     new = _vecs(rng, 3)
     idx.replace_image("a", new, _recs("a", 3, checksum="new"))
     assert len(idx) == 5
-    assert idx.images()["a"] == {"label_checksum": "new", "image_checksum": "", "n_slices": 3}
+    assert idx.images()["a"] == {"label_checksum": "new", "image_checksum": "", "n_slices": 3, "extra": {}}
     # a new instance (another process) reads the same content
     again = SliceIndex(tmp_path, embedder_id="e", dim=D)
     assert again.images() == idx.images()

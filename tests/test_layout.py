@@ -1,4 +1,5 @@
-"""The pool's 3D label layout: which labels are one connected structure, and the largest-component rule."""
+"""The pool's label layout: which labels are one connected structure (and the largest-component
+rule), which lie enclosed by another (and the label rule for their overlap)."""
 
 from __future__ import annotations
 
@@ -60,3 +61,37 @@ def test_keep_largest_removes_islands_of_the_listed_labels_only():
     edge[2, 4:8, 4:8] = 1
     edge[3, 8:9, 8:9] = 1
     assert (layout.keep_largest(edge, [1]) == 1).sum() == 16
+
+
+def _heart(size=40):
+    """A slice with a cavity (3) inside a ring (2), and a third label (1) beside the ring."""
+    yy, xx = np.mgrid[:size, :size]
+    r = np.hypot(yy - 20, xx - 16)
+    s = np.zeros((size, size), np.int64)
+    s[r < 10] = 2
+    s[r < 6] = 3
+    s[(xx >= 26) & (xx < 34) & (yy > 12) & (yy < 28)] = 1  # touches the ring's right edge
+    return s
+
+
+def test_outline_counts_find_the_enclosed_pair_only():
+    lab = np.stack([_heart(), _heart(), np.zeros((40, 40), np.int64)])
+    lab[1][lab[1] == 1] = 0  # one slice without the neighbour
+    c = layout.outline_counts(lab)
+    assert c["3>2"][0] == c["3>2"][1] > 0  # the cavity's whole outline is ring
+    assert 0 < c["1>2"][0] < 0.5 * c["1>2"][1]  # the neighbour touches the ring on one side
+    assert 0 < c["2>3"][0] < 0.5 * c["2>3"][1]  # the ring's outline: its hole's edge, and the outside
+    assert c["1>3"] == [0, c["1>2"][1]]  # counted on the one slice that has label 1
+    assert layout.enclosed_pairs([c]) == {(3, 2)}
+    # a second volume where 3 sits beside 2 pools against the first
+    apart = np.zeros((1, 40, 40), np.int64)
+    apart[0, 2:10, 2:10], apart[0, 2:10, 10:30] = 3, 2
+    c2 = layout.outline_counts(np.repeat(apart, 8, 0))
+    assert layout.enclosed_pairs([c, c2]) == set()
+    pooled = [sum(x[0] for x in (c["3>2"], c2["3>2"])), sum(x[1] for x in (c["3>2"], c2["3>2"]))]
+    assert (3, 2) in layout.enclosed_pairs([c, c2], fraction=pooled[0] / pooled[1])
+    recs = [SliceRecord("a", z, [1, 2, 3], "c", extra={layout.ENCLOSED_KEY: c}) for z in range(2)]
+    recs += [SliceRecord("b", 0, [2, 3], "c", extra={"preprocess": "x"})]  # indexed before the rule: no evidence
+    assert layout.enclosed_label_pairs(recs) == {(3, 2)}
+    recs += [SliceRecord("c", 0, [2, 3], "c", extra={layout.ENCLOSED_KEY: c2})]
+    assert layout.enclosed_label_pairs(recs) == set()

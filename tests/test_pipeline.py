@@ -51,6 +51,19 @@ def test_sync_index_tracks_labels(tmp_path, dataset, dino_embedder):
     assert rec.labels == sorted(int(v) for v in np.unique(lab_sl) if v > 0)
 
     assert sync_index(idx, dino_embedder, pre, discover_pairs(dataset, labels)).unchanged == ["subject_00", "subject_01"]
+    # a volume indexed before the label-layout evidence existed is re-indexed once, then left alone
+    from ragseg import layout
+    from ragseg.index import SliceRecord
+
+    old = [r for r in idx.records() if r.image_id == "subject_01"]
+    vec = idx.vectors()[[i for i, r in enumerate(idx.records()) if r.image_id == "subject_01"]]
+    idx.replace_image("subject_01", vec, [SliceRecord(r.image_id, r.slice_index, r.labels, r.label_checksum,
+                                                      r.image_checksum, r.image_path, r.label_path,
+                                                      {"preprocess": pre.id}) for r in old])
+    rep = sync_index(idx, dino_embedder, pre, discover_pairs(dataset, labels))
+    assert rep.updated == ["subject_01"] and rep.unchanged == ["subject_00"]
+    assert all(layout.has_evidence(r.extra) for r in idx.records())
+    assert sync_index(idx, dino_embedder, pre, discover_pairs(dataset, labels)).unchanged == ["subject_00", "subject_01"]
 
     # re-save subject_00 with fewer labeled slices: its stale vectors are replaced
     img = load_image(dataset / "subject_00.nii.gz")
@@ -226,8 +239,9 @@ def test_label_all_local_resumes_and_never_touches_final(tmp_path, dataset):
 
 
 def test_label_rule_keeps_an_enclosed_structure_inside_a_filled_ring():
-    """A box-prompted ring (myocardium) comes out as a disk over its cavity: the enclosed, smaller
-    structure wins the overlap, so the ring stays a ring; structures side by side keep argmax."""
+    """A box-prompted ring (myocardium) comes out as a disk over its cavity: where the pool shows
+    the pair enclosed, the enclosed structure wins the overlap, so the ring stays a ring; other
+    pairs and structures side by side keep the argmax."""
     import torch
 
     from ragseg.pipeline import logits_to_labels
@@ -240,9 +254,11 @@ def test_label_rule_keeps_an_enclosed_structure_inside_a_filled_ring():
     lg[0, 1][torch.from_numpy(disk_in)] = 3.0  # "LV", less confident than the disk
     lg[0, 2][torch.from_numpy((xx > 54) & (yy < 10))] = 2.0  # a separate structure
     lg[0, 2][torch.from_numpy(disk_out & (xx > 48))] = 1.0  # overlapping the disk's edge, not enclosed
-    plain = logits_to_labels(lg, [2, 3, 1], nested=False)
+    plain = logits_to_labels(lg, [2, 3, 1])
     assert not (plain == 3).any()  # the argmax alone loses the cavity entirely
-    lab = logits_to_labels(lg, [2, 3, 1])
+    # a pair the pool does not show enclosed (here: 3 inside 1) changes nothing
+    assert np.array_equal(logits_to_labels(lg, [2, 3, 1], nested=[(3, 1), (7, 2)]), plain)
+    lab = logits_to_labels(lg, [2, 3, 1], nested=[(3, 2)])
     assert ((lab == 3) == disk_in).all()
     assert ((lab == 2) == (disk_out & ~disk_in)).all()  # a ring: the part of the edge the third one lost is kept
     assert ((lab == 1) == ((xx > 54) & (yy < 10))).all()

@@ -306,7 +306,8 @@ class Harness:
                                            feature_cache_bytes=8 << 30))
         self.embedder = self.models.embedder()
         self.engine = self.models.engine()
-        self._single: dict[str, set[int]] = {}  # pool key -> labels that are one 3D structure there
+        # pool key -> (labels that are one 3D structure there, (inner, outer) label pairs enclosed there)
+        self._layout: dict[str, tuple[set[int], set[tuple[int, int]]]] = {}
         self.labels = list(cfg.classes.values())
         self.names = {v: k for k, v in cfg.classes.items()}
         self.case_info: dict[str, dict] = {}
@@ -415,8 +416,10 @@ class Harness:
         return res.labels
 
     # predictions ----------------------------------------------------------------------------------
-    def _to_labels(self, logits: torch.Tensor) -> np.ndarray:
-        return logits_to_labels(logits, self.labels)
+    def _to_labels(self, logits: torch.Tensor, case: Case) -> np.ndarray:
+        """The served label rule on logits made outside the Segmenter (same pool evidence)."""
+        enclosed = self.pool_layout(case)[1] if defaults.NESTED_WINS else ()
+        return logits_to_labels(logits, self.labels, nested=enclosed)
 
     def predict_engine(self, engine, case: Case, k: int, how: str) -> np.ndarray:
         if how == "retrieved":
@@ -426,8 +429,24 @@ class Harness:
         if getattr(engine, "fits_on_pool", False):  # the same pool the served path passes
             kw["pool"] = [[self._support(s, z, v) for s, z in case.pool if (s.labels[z] == v).any()]
                           for v in self.labels]
-        pred = self._to_labels(engine.segment_queries(q, self.random_supports(case, k), labels=self.labels, **kw))
-        return self.keep_largest(case, pred)
+        logits = engine.segment_queries(q, self.random_supports(case, k), labels=self.labels, **kw)
+        return self.keep_largest(case, self._to_labels(logits, case))
+
+    def pool_layout(self, case: Case) -> tuple[set[int], set[tuple[int, int]]]:
+        """What the case's labeled pool says about its labels (:mod:`ragseg.layout`), from the label
+        slices pool_index writes (pool slices only): one-structure labels and enclosed pairs."""
+        if case.pool_key not in self._layout:
+            vols: dict[str, tuple[Subject, list[int]]] = {}
+            for subj, z in case.pool:
+                vols.setdefault(subj.id, (subj, []))[1].append(z)
+            fr, outlines = [], []
+            for subj, zs in vols.values():
+                part = np.zeros_like(subj.labels)
+                part[zs] = np.where(np.isin(subj.labels[zs], self.labels), subj.labels[zs], 0)
+                fr.append(layout.structure_fractions(part))
+                outlines.append(layout.outline_counts(part))
+            self._layout[case.pool_key] = (layout.single_structures(fr), layout.enclosed_pairs(outlines))
+        return self._layout[case.pool_key]
 
     def keep_largest(self, case: Case, pred: np.ndarray) -> np.ndarray:
         """The served label rule's last step for predictions made outside the Segmenter (random
@@ -435,17 +454,7 @@ class Harness:
         if not self.cfg.keep_largest or case.query_slices != list(range(case.query_slices[0],
                                                                         case.query_slices[-1] + 1)):
             return pred
-        if case.pool_key not in self._single:
-            vols: dict[str, tuple[Subject, list[int]]] = {}
-            for subj, z in case.pool:
-                vols.setdefault(subj.id, (subj, []))[1].append(z)
-            fr = []
-            for subj, zs in vols.values():  # the label files pool_index writes: pool slices only
-                part = np.zeros_like(subj.labels)
-                part[zs] = np.where(np.isin(subj.labels[zs], self.labels), subj.labels[zs], 0)
-                fr.append(layout.structure_fractions(part))
-            self._single[case.pool_key] = layout.single_structures(fr)
-        return layout.keep_largest(pred, sorted(self._single[case.pool_key] & set(self.labels)))
+        return layout.keep_largest(pred, sorted(self.pool_layout(case)[0] & set(self.labels)))
 
     def predict_gt_box(self, case: Case) -> np.ndarray:
         from scipy import ndimage
@@ -474,7 +483,7 @@ class Harness:
             for j, li in enumerate(owners):
                 low[li] = torch.maximum(low[li], lg[j])
             logits[i] = resize_logits(low, (H, W))[:, 0]
-        return self._to_labels(logits)
+        return self._to_labels(logits, case)
 
     def _finetune_info(self, case: Case) -> tuple[object, dict]:
         t = time.perf_counter()

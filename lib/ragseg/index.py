@@ -264,12 +264,14 @@ class SliceIndex:
         return int(len(self._state.ids))
 
     def images(self) -> dict[str, dict[str, str]]:
-        """image id -> {'label_checksum', 'image_checksum', 'n_slices'} of what is stored."""
+        """image id -> {'label_checksum', 'image_checksum', 'n_slices', 'extra'} of what is stored
+        ('extra': the first record's, the volume-level facts its records carry)."""
         self.refresh()
         out: dict[str, dict] = {}
         for r in self._state.meta.values():
             d = out.setdefault(r.image_id, {"label_checksum": r.label_checksum,
-                                            "image_checksum": r.image_checksum, "n_slices": 0})
+                                            "image_checksum": r.image_checksum, "n_slices": 0,
+                                            "extra": r.extra or {}})
             d["n_slices"] += 1
         return out
 

@@ -1,4 +1,5 @@
-"""What the labeled pool's 3D label layout says about each label: is it one connected structure?
+"""What the labeled pool's label layout says about each label: is it one connected 3D structure,
+and which labels lie enclosed by another?
 
 A left ventricle, a hippocampus head or a liver is one connected 3D structure in every labeled
 volume; MS lesions or a label that covers both kidneys are not. For a label that the pool shows
@@ -7,9 +8,17 @@ at least half its size: then which piece is the structure is a guess): slice-by-
 predictions leave stray islands on slices where a look-alike region fooled the decoder, and
 those islands are not connected to the structure through the neighbouring slices.
 
-The evidence is computed when a labeled volume is indexed (:func:`structure_fractions`, stored
-in each record's ``extra``) and read back per request (:func:`single_structure_labels`), so the
-index stays the only state and is rebuilt from the labels like everything else.
+A left ventricle lies inside the myocardium's ring on every slice; a kidney never lies inside the
+liver. Where the pool shows one label enclosed by another (the inner label's outline is the outer
+label), the label rule lets the inner structure win the overlap of the two predicted masks: a
+box-prompted decoder fills a ring into a disk over its cavity (:func:`ragseg.pipeline.resolve_nested`).
+For labels the pool shows side by side the rule would hand the overlap to whichever spurious
+mask happens to be the smaller one, so it applies only to the enclosed pairs.
+
+The evidence is computed when a labeled volume is indexed (:func:`structure_fractions` and
+:func:`outline_counts`, stored in each record's ``extra``) and read back per request
+(:func:`single_structure_labels`, :func:`enclosed_label_pairs`), so the index stays the only
+state and is rebuilt from the labels like everything else.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from . import defaults
 logger = logging.getLogger(__name__)
 
 RECORD_KEY = "largest_component"  # SliceRecord.extra key: {label value (str): fraction}
+ENCLOSED_KEY = "outline"  # SliceRecord.extra key: {"inner>outer": [outline pixels on outer, outline pixels]}
 _FACES = ndimage.generate_binary_structure(3, 1)  # 6-connectivity: slices connect only through overlap
 
 
@@ -92,3 +102,60 @@ def keep_largest(label_slices: np.ndarray, values: Iterable[int],
         sizes[0] = 0
         out[m & (sizes[lab] < ratio * sizes.max())] = 0
     return out
+
+
+def has_evidence(extra: dict | None) -> bool:
+    """Whether a record's ``extra`` holds every kind of evidence this module reads (volumes indexed
+    by an older version lack some and are re-indexed once)."""
+    return bool(extra) and RECORD_KEY in extra and ENCLOSED_KEY in extra
+
+
+def outline_counts(label_slices: np.ndarray) -> dict[str, list[int]]:
+    """How much of each label's in-plane outline is another label, over a stack of canonical label
+    slices [n, H, W]: ``"a>b" -> [outline pixels of a that are b, outline pixels of a]`` for every
+    pair drawn on a common slice. The outline is the ring of pixels 4-adjacent to the label and not
+    in it. Per slice, so scattered labeled slices are evidence too (unlike 3D connectivity)."""
+    counts: dict[str, list[int]] = {}
+    for s in label_slices:
+        present = [int(v) for v in np.unique(s) if v != 0]
+        if len(present) < 2:
+            continue
+        for a in present:
+            m = s == a
+            ring = ndimage.binary_dilation(m) & ~m
+            on = np.bincount(s[ring].ravel().astype(np.int64), minlength=max(present) + 1)
+            total = int(ring.sum())
+            for b in present:
+                if b != a:
+                    c = counts.setdefault(f"{a}>{b}", [0, 0])
+                    c[0] += int(on[b])
+                    c[1] += total
+    return counts
+
+
+def enclosed_pairs(volumes: Iterable[dict[str, list[int]]], fraction: float = defaults.ENCLOSED_FRACTION
+                   ) -> set[tuple[int, int]]:
+    """(inner, outer) label pairs whose pooled :func:`outline_counts` over the volumes put at least
+    ``fraction`` of the inner label's outline on the outer label."""
+    pooled: dict[str, list[int]] = {}
+    for counts in volumes:
+        for key, (on, total) in counts.items():
+            c = pooled.setdefault(key, [0, 0])
+            c[0] += int(on)
+            c[1] += int(total)
+    out = set()
+    for key, (on, total) in pooled.items():
+        if total > 0 and on >= fraction * total:
+            a, b = key.split(">")
+            out.add((int(a), int(b)))
+    return out
+
+
+def enclosed_label_pairs(records: Iterable, fraction: float = defaults.ENCLOSED_FRACTION) -> set[tuple[int, int]]:
+    """The rule of :func:`enclosed_pairs` on the evidence stored in index records' ``extra`` (one
+    entry per labeled volume; volumes indexed before the evidence existed give none)."""
+    per_image: dict[str, dict[str, list[int]]] = {}
+    for r in records:
+        if r.image_id not in per_image:
+            per_image[r.image_id] = (r.extra or {}).get(ENCLOSED_KEY) or {}
+    return enclosed_pairs(per_image.values(), fraction)

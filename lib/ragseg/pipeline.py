@@ -151,8 +151,9 @@ def embed_labeled_volume(item: LabeledVolume, embedder: Embedder, pre: Preproces
     if not keep:
         return np.zeros((0, embedder.dim), np.float32), []
     vecs = embedder.embed(pre.slices(img)[keep])
-    # the volume's 3D layout (one structure per label?) rides on each of its records
-    extra = {"preprocess": pre.id, layout.RECORD_KEY: layout.structure_fractions(lab_s)}
+    # the volume's label layout (one 3D structure per label? enclosed labels?) rides on each record
+    extra = {"preprocess": pre.id, layout.RECORD_KEY: layout.structure_fractions(lab_s),
+             layout.ENCLOSED_KEY: layout.outline_counts(lab_s)}
     recs = [SliceRecord(item.image_id, int(i), [int(v) for v in present[i] if v > 0], lc, ic,
                         str(item.image_path), str(item.label_path), dict(extra)) for i in keep]
     return vecs, recs
@@ -177,10 +178,12 @@ class SyncReport:
 def index_volume(item: LabeledVolume, embedder: Embedder, pre: Preprocess, stored: dict | None = None
                  ) -> tuple[np.ndarray, list[SliceRecord]] | None:
     """What the index needs of one labeled volume: ``None`` when ``stored`` (its entry in
-    :meth:`SliceIndex.images`) has the same label and image checksums, else its embeddings and
-    records. The unit of work of :func:`sync_index` and of the Ray index build."""
+    :meth:`SliceIndex.images`) has the same label and image checksums and the label-layout
+    evidence of today's records, else its embeddings and records. The unit of work of
+    :func:`sync_index` and of the Ray index build."""
     if stored and stored["label_checksum"] == file_checksum(item.label_path) \
-            and stored["image_checksum"] == file_checksum(item.image_path):
+            and stored["image_checksum"] == file_checksum(item.image_path) \
+            and layout.has_evidence(stored.get("extra")):
         return None
     return embed_labeled_volume(item, embedder, pre)
 
@@ -330,6 +333,7 @@ class SegmentationResult:
     slices: list[int] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     single_structures: list[int] = field(default_factory=list)  # labels kept to their largest component
+    enclosed: list[tuple[int, int]] = field(default_factory=list)  # (inner, outer): inner wins their overlap
 
 
 @dataclass
@@ -348,45 +352,50 @@ class SliceSegmentation:
     missing_labels: list[int] = field(default_factory=list)
     active: list[int] = field(default_factory=list)
     single_structures: list[int] = field(default_factory=list)  # labels reduced to their largest component
+    enclosed: list[tuple[int, int]] = field(default_factory=list)  # (inner, outer) pairs of the label rule
     logits: torch.Tensor | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def logits_to_labels(logits: torch.Tensor, values: Sequence[int], *, nested: bool = defaults.NESTED_WINS) -> np.ndarray:
+def logits_to_labels(logits: torch.Tensor, values: Sequence[int], *,
+                     nested: Iterable[tuple[int, int]] = ()) -> np.ndarray:
     """The label rule: per pixel, the label with the highest logit if that logit says "present".
 
     logits: [n, L, H, W]; values: the label value of each of the L channels -> int64 [n, H, W].
-    nested: first, where one label's mask lies (mostly) inside a larger label's mask on a slice,
-        the inner label wins their overlap. Label maps are disjoint, so such an overlap is an
-        error of one of the two, and a box- or prototype-prompted decoder fills what a structure
-        encloses (a ring such as the myocardium comes out as a disk over the cavity), so the
-        enclosed, smaller structure is the one to keep (see :func:`resolve_nested`).
+    nested: (inner, outer) label-value pairs the labeled pool shows enclosed
+        (:func:`ragseg.layout.enclosed_label_pairs`). First, where inner's mask lies (mostly)
+        inside outer's mask on a slice, inner wins their overlap: label maps are disjoint, so such
+        an overlap is an error of one of the two, and a box- or prototype-prompted decoder fills
+        what a structure encloses (a ring such as the myocardium comes out as a disk over the
+        cavity), so the enclosed structure is the one to keep (see :func:`resolve_nested`).
     """
     lg = logits.float()
-    if nested and lg.shape[1] > 1:
-        lg = resolve_nested(lg)
+    pos = {int(v): i for i, v in enumerate(values)}
+    pairs = [(pos[a], pos[b]) for a, b in nested if a in pos and b in pos]
+    if pairs:
+        lg = resolve_nested(lg, pairs)
     best, arg = lg.max(dim=1)
     lab = torch.tensor(list(values), dtype=torch.int64)[arg]
     lab[best <= defaults.MASK_THRESHOLD] = 0
     return lab.numpy()
 
 
-def resolve_nested(logits: torch.Tensor, fraction: float = defaults.NESTED_FRACTION) -> torch.Tensor:
-    """Where label a's mask (logit > threshold) lies at least ``fraction`` inside a larger label
-    b's mask on a slice, b's logits are pushed below a's on a's pixels. Returns a new tensor."""
+def resolve_nested(logits: torch.Tensor, pairs: Iterable[tuple[int, int]],
+                   fraction: float = defaults.NESTED_FRACTION) -> torch.Tensor:
+    """For each (inner, outer) pair of channel positions: on a slice where inner's mask (logit >
+    threshold) is smaller than outer's and lies at least ``fraction`` inside it, outer's logits are
+    pushed below inner's on inner's pixels. Returns a new tensor."""
     out = logits.clone()
     masks = logits > defaults.MASK_THRESHOLD  # [n, L, H, W]
+    area = masks.flatten(2).sum(2)  # [n, L]
     for i in range(logits.shape[0]):
-        area = masks[i].flatten(1).sum(1)
-        present = [int(j) for j in torch.nonzero(area).flatten()]
-        for a in present:
-            for b in present:
-                if a == b or area[a] >= area[b]:
-                    continue
-                inter = int((masks[i, a] & masks[i, b]).sum())
-                if inter >= fraction * int(area[a]):
-                    m = masks[i, a]
-                    out[i, b][m] = torch.minimum(out[i, b][m], out[i, a][m] - 1.0)
+        for a, b in pairs:
+            if area[i, a] == 0 or area[i, a] >= area[i, b]:
+                continue
+            inter = int((masks[i, a] & masks[i, b]).sum())
+            if inter >= fraction * int(area[i, a]):
+                m = masks[i, a]
+                out[i, b][m] = torch.minimum(out[i, b][m], out[i, a][m] - 1.0)
     return out
 
 
@@ -475,7 +484,7 @@ class Segmenter:
             raise InputError(vol.path, e.problem) from e
         res.supports, res.missing_labels, res.slices, res.timings = (sres.supports, sres.missing_labels,
                                                                      sres.slices, sres.timings)
-        res.single_structures = sres.single_structures
+        res.single_structures, res.enclosed = sres.single_structures, sres.enclosed
         res.timings["load"] = load_s
         if not sres.active or not sres.slices:
             return res
@@ -579,7 +588,9 @@ class Segmenter:
             logits = self.engine.segment_queries(q, sups, timings=tm, progress=progress, labels=active, **kw)
         t = time.perf_counter()
         res.active = active
-        res.labels = logits_to_labels(logits, active)
+        enclosed = sorted(layout.enclosed_label_pairs(self.index.records())) if defaults.NESTED_WINS else []
+        res.labels = logits_to_labels(logits, active, nested=enclosed)
+        res.enclosed = [p for p in enclosed if p[0] in active and p[1] in active]
         if self.keep_largest and len(sel) > 1 and sel[-1] - sel[0] + 1 == len(sel):  # consecutive slices
             one = sorted(layout.single_structure_labels(self.index.records()) & set(active))
             res.labels = layout.keep_largest(res.labels, one)

@@ -213,6 +213,8 @@ class RagSegInfer(InferTask):
             "missing_labels": [name_of(v) for v in res.missing_labels],
             # one connected structure in every labeled volume: reduced to the largest component
             "largest_component_only": [name_of(v) for v in res.single_structures],
+            # [inner, outer]: the pool shows inner enclosed by outer, so inner won their overlap
+            "enclosed": [[name_of(a), name_of(b)] for a, b in res.enclosed],
             "warnings": warnings,
             "supports": {name_of(v): [list(s) for s in sup] for v, sup in res.supports.items()},
             "slices": sorted(canonical_to_file_slice(s, vol.shape, vol.affine, axis) for s in res.slices),
