@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ragseg.baselines import BaselineConfig, _split, predict_baseline, train_baseline
+from ragseg.baselines import BaselineConfig, _split, auto_size, predict_baseline, train_baseline
 
 
 def _slices(n: int, rng: np.random.Generator, size: tuple[int, int]):
@@ -61,3 +61,15 @@ def test_split_holds_out_whole_patients():
     assert {groups[i] for i in tr}.isdisjoint({groups[i] for i in va}) and len({groups[i] for i in va}) == 1
     tr, va = _split(["p"] * 10, 0.2, rng)  # one patient: slices are held out instead
     assert len(va) == 2 and len(tr) == 8
+
+
+def test_automatic_size_follows_the_labeled_slices():
+    # hippocampus crops (35 x 51) train near their own resolution, not blown up to 256 px
+    assert auto_size([(35, 51), (36, 48), (34, 50)]) == 64
+    assert auto_size([(216, 256), (232, 256), (256, 216)]) == 256  # ACDC
+    assert auto_size([(182, 218)] * 3) == 224  # MS FLAIR axial
+    assert auto_size([(512, 512)]) == 256 and auto_size([(512, 512)], cap=100) == 96  # the cap, a multiple of 32
+    assert auto_size([(10, 12)]) == 32
+    rng = np.random.default_rng(0)
+    m = train_baseline(_slices(4, rng, (40, 44)), [1, 2], cfg=BaselineConfig(max_iters=2, val_every=10 ** 6), seed=0)
+    assert m.size == 64 and m.info["size"] == 64  # no size given: the pool's

@@ -172,3 +172,16 @@ def test_bad_baseline_size_is_refused_before_any_work():
         with pytest.raises(RagsegError, match="multiple of 32"):
             EvalConfig(images="", labels=None, out="", classes={"x": 1}, baseline_size=size).validate()
     EvalConfig(images="", labels=None, out="", classes={"x": 1}, baseline_size=64).validate()
+    EvalConfig(images="", labels=None, out="", classes={"x": 1}, baseline_size=None).validate()  # auto
+
+
+def test_cli_baseline_size_takes_auto_or_pixels():
+    from ragseg.cli import build_parser
+
+    p = build_parser()
+    base = ["evaluate", "imgs", "--classes", "x=1", "--out", "o"]
+    assert p.parse_args(base).baseline_size is None
+    assert p.parse_args(base + ["--baseline-size", "auto"]).baseline_size is None
+    assert p.parse_args(base + ["--baseline-size", "96"]).baseline_size == 96
+    with pytest.raises(SystemExit):
+        p.parse_args(base + ["--baseline-size", "big"])

@@ -47,7 +47,7 @@ class BaselineConfig:
     """Training options of a supervised baseline (defaults in :mod:`ragseg.defaults`)."""
 
     arch: str = "unet"
-    size: int = defaults.BASELINE_SIZE  # slices are resized to size x size
+    size: int | None = defaults.BASELINE_SIZE  # slices are resized to size x size (None: :func:`auto_size`)
     patch: int | None = None  # training patch side (None: whole slices)
     batch: int = defaults.BASELINE_BATCH
     max_iters: int = defaults.BASELINE_MAX_ITERS
@@ -60,8 +60,22 @@ class BaselineConfig:
     def validate(self) -> None:
         if self.arch not in ARCHS:
             raise RagsegError(f"unknown baseline {self.arch!r}; choose from {', '.join(ARCHS)}")
-        if self.size % 32:
-            raise RagsegError(f"baseline size must be a multiple of 32, got {self.size}")
+        check_size(self.size)
+
+
+def check_size(size: int | None) -> None:
+    """RagsegError unless ``size`` is None (automatic) or a positive multiple of 32."""
+    if size is not None and (size < 32 or size % 32):
+        raise RagsegError(f"baseline size must be a positive multiple of 32 (or auto), got {size}")
+
+
+def auto_size(shapes: Sequence[tuple[int, ...]], cap: int = defaults.BASELINE_MAX_SIZE) -> int:
+    """The side a baseline trains at when none is given: the median long side of the labeled slices
+    (``shapes`` [(H, W), ...]) rounded up to a multiple of 32, between 32 and ``cap``."""
+    if not shapes:
+        raise RagsegError("no labeled slice to size the baseline on")
+    side = float(np.median([max(s[-2:]) for s in shapes]))
+    return int(min(max(32, math.ceil(side / 32) * 32), max(32, cap // 32 * 32)))
 
 
 @dataclass
@@ -165,7 +179,7 @@ def train_baseline(pool: Sequence[tuple[np.ndarray, np.ndarray]], labels: Sequen
     labels = list(labels)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    S = cfg.size
+    S = cfg.size or auto_size([p[0].shape for p in pool])
     x = torch.cat([resize_slices(p[0][None], S) for p in pool])  # [n, 1, S, S]
     ys = []
     for _, lab in pool:

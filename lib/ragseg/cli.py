@@ -42,6 +42,15 @@ def _count(v: str) -> int:
     return x
 
 
+def _baseline_size(v: str) -> int | None:
+    if str(v).strip().lower() in ("auto", "none", ""):
+        return None
+    try:
+        return int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a multiple of 32 or 'auto', got {v!r}") from None
+
+
 def _area_cap(v: str):
     from .prototypes import parse_area_cap
 
@@ -476,8 +485,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="unet/dynunet: iteration cap (early stopping usually ends sooner; default: %(default)s)")
     ev.add_argument("--baseline-time", type=float, default=defaults.BASELINE_TIME_LIMIT_S, metavar="SECONDS",
                     help="unet/dynunet: wall-clock cap per training (default: %(default)s)")
-    ev.add_argument("--baseline-size", type=int, default=defaults.BASELINE_SIZE, metavar="PX",
-                    help="unet/dynunet: every slice resized to PX x PX, a multiple of 32 (default: %(default)s)")
+    ev.add_argument("--baseline-size", type=_baseline_size, default=defaults.BASELINE_SIZE, metavar="PX|auto",
+                    help="unet/dynunet: every slice resized to PX x PX, a multiple of 32; auto: the labeled "
+                         f"slices' median long side rounded up to one, at most {defaults.BASELINE_MAX_SIZE} "
+                         "(default: auto)")
     ev.add_argument("--no-keep-largest", action="store_true",
                     help="keep every connected component of labels the pool shows as one 3D structure "
                          "(ablation of the served label rule; applies to every method but gt-box)")

@@ -103,7 +103,12 @@ LITEMEDSAM_POOL = 4  # retrieval embedding = LiteMedSAM embedding average-pooled
 LITEMEDSAM_ENCODE_BATCH = 1  # TinyViT on CPU is fastest per slice at batch 1 (measured, #4)
 
 # --- supervised baselines (evaluate: unet, dynunet) ------------------------------------------------
-BASELINE_SIZE = 256  # slices resized to this side
+# side the baselines' slices are resized to; None: the labeled pool's median long side rounded up to
+# a multiple of 32, at most BASELINE_MAX_SIZE (nnU-Net trains near the data's own resolution). A
+# fixed 256 blew the 35 x 51 px hippocampus crops up 5x: UNet 0.681 there vs 0.794 at 64 px, and
+# DynUNet's 4.7 s iterations left it empty (docs/results.md, "Baselines at the pool's resolution").
+BASELINE_SIZE: int | None = None
+BASELINE_MAX_SIZE = 256  # the automatic side's cap (CPU time per iteration grows with its square)
 BASELINE_BATCH = 8
 BASELINE_MAX_ITERS = 4000
 BASELINE_TIME_LIMIT_S = 600.0  # wall-clock cap on one training

@@ -112,7 +112,7 @@ class EvalConfig:
     keep_largest: bool = defaults.KEEP_LARGEST_COMPONENT  # one-structure labels: largest 3D component only
     baseline_iters: int = defaults.BASELINE_MAX_ITERS  # unet / dynunet: iteration cap
     baseline_time_s: float = defaults.BASELINE_TIME_LIMIT_S  # unet / dynunet: wall-clock cap per training
-    baseline_size: int = defaults.BASELINE_SIZE  # unet / dynunet: slices resized to this side
+    baseline_size: int | None = defaults.BASELINE_SIZE  # unet / dynunet: slices resized to this side (None: pool's)
     save_predictions: bool = False
     figures: bool = True
     feature_cache: str | None = None  # folder keeping LiteMedSAM slice embeddings across runs
@@ -137,8 +137,9 @@ class EvalConfig:
             self.n_support = [self.n_support]
         if not self.n_support or min(self.n_support) < 1 or any(k < 1 for k in self.ks):
             raise RagsegError("n_support and every k must be >= 1")
-        if self.baseline_size < 32 or self.baseline_size % 32:  # fail before any encoding, not at the baselines
-            raise RagsegError(f"baseline size must be a positive multiple of 32, got {self.baseline_size}")
+        from .baselines import check_size
+
+        check_size(self.baseline_size)  # fail before any encoding, not at the baselines
         try:
             if re.compile(self.group_pattern).groups < 1:
                 raise RagsegError(f"group pattern {self.group_pattern!r} needs a capture group (the patient)")
