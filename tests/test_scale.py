@@ -310,8 +310,16 @@ def test_app_batch_infer_on_ray(cluster, base, reference, tmp_path):
         assert s["run"]["mode"] == "ray" and s["run"]["nodes"] == 2 and len(s["run"]["volumes_per_worker"]) == 2, s
         assert sorted(s["done"]) == sorted(reference) and not s["failed"]
         assert_complete(ds, reference)  # the app's path labels exactly as label-all does
-        objs = json.loads(srv.get("/datastore/?output=all")[1])["objects"]  # datastore.json was refreshed
-        assert {i for i, o in objs.items() if "original" in o.get("labels", {})} == set(reference)
+        # the batch subprocess refreshed datastore.json; the server's own view catches up on its
+        # next reconcile (every 0.5 s here), so poll rather than race it
+        end, seen = time.time() + 60, set()
+        while time.time() < end:
+            objs = json.loads(srv.get("/datastore/?output=all")[1])["objects"]
+            seen = {i for i, o in objs.items() if "original" in o.get("labels", {})}
+            if seen == set(reference):
+                break
+            time.sleep(0.5)
+        assert seen == set(reference), srv.tail(40)
     finally:
         srv.stop()
 

@@ -58,9 +58,10 @@ class ResumableBatchInfer(BatchInferTask):
         rep = label_ray(Path(s.studies), cfg, comp.pre, k=k, opts=opts, redo=bool(request.get("redo", False)),
                         pool=comp.index(), seg_kwargs={"allow_same_image": s.cfg.same_image_supports,
                                                         "propagate": s.cfg.propagate})
-        rep.write(s.index_dir / "batch-ray-summary.json")
         logger.info("batch infer on Ray: %s", rep.summary())
         datastore.refresh()  # the workers wrote labels/original directly; let datastore.json know
+        # the summary last: its presence tells callers the run, datastore.json included, is done
+        rep.write(s.index_dir / "batch-ray-summary.json")
         out: dict = {i: {"label_tag": "original", "ray": True} for i in rep.done}
         out.update({i: {"error": e} for i, e in rep.failed.items()})
         return out
