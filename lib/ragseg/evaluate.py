@@ -794,13 +794,19 @@ def _figures(rows: list[dict], cfg: EvalConfig, summ: dict) -> None:
 def _learning_curve(summ: dict, cfg: EvalConfig, plt) -> None:
     """Mean Dice over classes against the number of labeled patients (slices), 95% CI shaded."""
     unit = "labeled slices per class" if cfg.mode == "intra" else "labeled patients"
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    # one colour per method, one line style per k: with 3 k values and 5 methods the default
+    # 10-colour cycle gave two series the same colour
+    colours = {m: f"C{i % 10}" for i, m in enumerate(METHODS)}
+    styles = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")]
     for m in METHODS:
-        for k in sorted({k for mm, k, _ in summ if mm == m}):
+        for j, k in enumerate(sorted({k for mm, k, _ in summ if mm == m})):
             ns = sorted(n for mm, kk, n in summ if mm == m and kk == k)
             y = np.array([summ[(m, k, n)]["mean"]["dice_mean"] for n in ns])
             ci = np.array([summ[(m, k, n)]["mean"]["dice_ci95"] for n in ns])
-            line = ax.plot(ns, y, marker="o", label=m if m in K_FREE else f"{m} k={k}")[0]
+            ls, mk = styles[j % len(styles)]
+            line = ax.plot(ns, y, ls=ls, marker=mk, color=colours[m],
+                           label=m if m in K_FREE else f"{m} k={k}")[0]
             if np.isfinite(ci).any():
                 ax.fill_between(ns, y - np.nan_to_num(ci), y + np.nan_to_num(ci), alpha=0.15, color=line.get_color())
     ax.set_xscale("log", base=2)
@@ -809,7 +815,7 @@ def _learning_curve(summ: dict, cfg: EvalConfig, plt) -> None:
     ax.set_xlabel(unit)
     ax.set_ylabel("Dice, mean over classes (95% CI over patients)")
     ax.set_title(Path(cfg.images).name)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: the curves fill the axes
     fig.tight_layout()
     fig.savefig(Path(cfg.out) / "learning_curve.png", dpi=100)
     plt.close(fig)
