@@ -185,3 +185,16 @@ def test_cli_baseline_size_takes_auto_or_pixels():
     assert p.parse_args(base + ["--baseline-size", "96"]).baseline_size == 96
     with pytest.raises(SystemExit):
         p.parse_args(base + ["--baseline-size", "big"])
+
+
+def test_learning_curve_series_are_told_apart():
+    """Every (method, k) series of a full curve gets its own look; a method keeps one colour."""
+    from ragseg.evaluate import K_FREE, METHODS, curve_styles
+
+    summ = {(m, k, n): {} for m in METHODS for k in ((0,) if m in K_FREE else (1, 3, 5)) for n in (1, 2, 4)}
+    st = curve_styles(summ)
+    assert set(st) == {(m, k) for m, k, _ in summ}
+    assert len(set(st.values())) == len(st)  # no two series drawn alike
+    for m in METHODS:
+        assert len({c for (mm, _), (c, _, _) in st.items() if mm == m}) == 1
+    assert len({st[(m, 3 if m not in K_FREE else 0)][0] for m in METHODS}) == len(METHODS)

@@ -791,24 +791,29 @@ def _figures(rows: list[dict], cfg: EvalConfig, summ: dict) -> None:
         _overlays(rows, cfg)
 
 
+def curve_styles(summ: dict) -> dict[tuple[str, int], tuple[str, str, str]]:
+    """(method, k) -> (colour, line style, marker) for the learning curve: one colour per method,
+    one line style per k. With 3 k values and 5 methods the default 10-colour cycle gave two
+    series the same colour."""
+    styles = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")]
+    out = {}
+    for i, m in enumerate(METHODS):
+        for j, k in enumerate(sorted({k for mm, k, _ in summ if mm == m})):
+            out[(m, k)] = (f"C{i % 10}", *styles[j % len(styles)])
+    return out
+
+
 def _learning_curve(summ: dict, cfg: EvalConfig, plt) -> None:
     """Mean Dice over classes against the number of labeled patients (slices), 95% CI shaded."""
     unit = "labeled slices per class" if cfg.mode == "intra" else "labeled patients"
     fig, ax = plt.subplots(figsize=(7.5, 4))
-    # one colour per method, one line style per k: with 3 k values and 5 methods the default
-    # 10-colour cycle gave two series the same colour
-    colours = {m: f"C{i % 10}" for i, m in enumerate(METHODS)}
-    styles = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")]
-    for m in METHODS:
-        for j, k in enumerate(sorted({k for mm, k, _ in summ if mm == m})):
-            ns = sorted(n for mm, kk, n in summ if mm == m and kk == k)
-            y = np.array([summ[(m, k, n)]["mean"]["dice_mean"] for n in ns])
-            ci = np.array([summ[(m, k, n)]["mean"]["dice_ci95"] for n in ns])
-            ls, mk = styles[j % len(styles)]
-            line = ax.plot(ns, y, ls=ls, marker=mk, color=colours[m],
-                           label=m if m in K_FREE else f"{m} k={k}")[0]
-            if np.isfinite(ci).any():
-                ax.fill_between(ns, y - np.nan_to_num(ci), y + np.nan_to_num(ci), alpha=0.15, color=line.get_color())
+    for (m, k), (colour, ls, mk) in curve_styles(summ).items():
+        ns = sorted(n for mm, kk, n in summ if mm == m and kk == k)
+        y = np.array([summ[(m, k, n)]["mean"]["dice_mean"] for n in ns])
+        ci = np.array([summ[(m, k, n)]["mean"]["dice_ci95"] for n in ns])
+        line = ax.plot(ns, y, ls=ls, marker=mk, color=colour, label=m if m in K_FREE else f"{m} k={k}")[0]
+        if np.isfinite(ci).any():
+            ax.fill_between(ns, y - np.nan_to_num(ci), y + np.nan_to_num(ci), alpha=0.15, color=line.get_color())
     ax.set_xscale("log", base=2)
     ns_all = sorted({n for _, _, n in summ})
     ax.set_xticks(ns_all, [str(n) for n in ns_all])
