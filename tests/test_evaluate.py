@@ -198,3 +198,74 @@ def test_learning_curve_series_are_told_apart():
     for m in METHODS:
         assert len({c for (mm, _), (c, _, _) in st.items() if mm == m}) == 1
     assert len({st[(m, 3 if m not in K_FREE else 0)][0] for m in METHODS}) == len(METHODS)
+
+
+def _run_folder(path, seed, methods, rng, **cfg_kw):
+    """A run folder as `ragseg evaluate` leaves it (results.csv, cases.json, summary.md), written by
+    the harness's own report writer from rows of 3 patients x 2 pool sizes."""
+    from ragseg.evaluate import K_FREE, EvalConfig, write_reports
+
+    cfg = EvalConfig(images="/data/ds", labels=None, out=str(path), classes={"x": 1, "y": 2}, mode="cross",
+                     n_support=[1, 2], ks=[3], seeds=[seed], methods=methods, figures=False, **cfg_kw)
+    path.mkdir()
+    rows, info = [], {}
+    for p in range(3):
+        for n in (1, 2):
+            case = f"p{p}-n{n}-s{seed}"
+            info[case] = {"subject": f"p{p}", "seed": seed, "n_support": n}
+            for m in methods:
+                for c, lab in (("x", 1), ("y", 2)):
+                    rows.append({"case": case, "subject": f"p{p}", "patient": f"p{p}", "n_support": n, "seed": seed,
+                                 "method": m, "k": 0 if m in K_FREE else 3, "class": c, "label": lab,
+                                 "dice": float(rng.uniform(0.5, 0.9)), "hd95": float(rng.uniform(1, 5)),
+                                 "gt_voxels": 100, "pred_voxels": 90, "query_slices": 10, "seconds": 1.0})
+    write_reports(rows, cfg, info, f"ragseg evaluate --seeds {seed} {' '.join(methods)}", 60.0, "backend test")
+    return rows
+
+
+def test_merged_runs_report_as_one_and_refuse_what_does_not_belong_together(tmp_path):
+    """`ragseg evaluate-merge`: a second seed and baselines run apart join the first run's table
+    (same numbers as one run over all rows, intervals over patients, baseline differences, curve);
+    runs with other settings or the same cases are refused."""
+    from ragseg.cli import main
+    from ragseg.errors import RagsegError
+    from ragseg.evaluate import baseline_difference, merge_runs, summarize
+
+    rng = np.random.default_rng(0)
+    a = _run_folder(tmp_path / "s0", 0, ["retrieved", "finetuned"], rng)
+    b = _run_folder(tmp_path / "s1", 1, ["retrieved", "finetuned"], rng)
+    c = _run_folder(tmp_path / "base", 0, ["dynunet"], rng, baseline_size=64)  # baselines run apart, own setting
+    d = _run_folder(tmp_path / "base1", 1, ["dynunet"], rng, baseline_size=64)
+    out = tmp_path / "merged"
+    assert main(["evaluate-merge", str(tmp_path / "s0"), str(tmp_path / "s1"), str(tmp_path / "base"),
+                 str(tmp_path / "base1"), "--out", str(out)]) == 0
+    summ = summarize(a + b + c + d, ["x", "y"])
+    text = (out / "summary.md").read_text()
+    assert "seeds [0, 1]" in text and "Merged from 4 runs:" in text and "`ragseg evaluate --seeds 1" in text
+    for (m, k, n), e in summ.items():
+        assert e["mean"]["patients"] == 3
+        assert f"| {m} | {n} | {k} |" in text and f"{e['mean']['dice_mean']:.3f} ± {e['mean']['dice_ci95']:.3f} |" in text
+    diff = baseline_difference(a + b + c + d, ["x", "y"], "finetuned", "dynunet")
+    assert set(diff) == {(3, 1), (3, 2)}
+    assert f"| 2 | 3 | {diff[(3, 2)]['diff']:+.3f} |" in text and "finetuned - dynunet" in text
+    merged = list(csv.DictReader(open(out / "results.csv")))
+    assert len(merged) == len(a + b + c + d)
+    assert (out / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # one curve over both seeds
+    cfg = json.loads((out / "cases.json").read_text())["config"]
+    assert cfg["seeds"] == [0, 1] and cfg["baseline_size"] == 64 and cfg["methods"] == ["retrieved", "finetuned",
+                                                                                          "dynunet"]
+    # a setting every method reads differs: refused, naming it
+    _run_folder(tmp_path / "other", 2, ["retrieved"], rng, max_regions=5)
+    with pytest.raises(RagsegError, match="max_regions"):
+        merge_runs([tmp_path / "s0", tmp_path / "other"], tmp_path / "m2")
+    # a baseline setting differs between two runs that both trained the baseline: refused
+    _run_folder(tmp_path / "base2", 2, ["dynunet"], rng, baseline_size=128)
+    with pytest.raises(RagsegError, match="baseline_size"):
+        merge_runs([tmp_path / "base", tmp_path / "base2"], tmp_path / "m3")
+    # the same cases twice (seed 0 run again): refused rather than counted twice
+    _run_folder(tmp_path / "again", 0, ["retrieved"], rng)
+    with pytest.raises(RagsegError, match="in both"):
+        merge_runs([tmp_path / "s0", tmp_path / "again"], tmp_path / "m4")
+    with pytest.raises(RagsegError, match="not an evaluation run"):
+        merge_runs([tmp_path / "s0", tmp_path / "nowhere"], tmp_path / "m5")
+    assert not (tmp_path / "m2").exists() and not (tmp_path / "m4").exists()  # nothing written on refusal

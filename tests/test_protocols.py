@@ -49,6 +49,7 @@ def test_cross_patient_learning_curve_on_acdc(tmp_path):
         assert not {p.split("_frame")[0] for p, _ in c["pool"]} & queried  # no patient on both sides
     summary = (out / "summary.md").read_text()
     assert "retrieved - random" in summary and "mean ± 95% CI" in summary
+    assert "| finetuned - unet |" in summary and "| finetuned - dynunet |" in summary
     assert "- unet: 2 training(s) at 64 px" in summary and "- dynunet: 2 training(s) at 64 px" in summary
     assert "- fine-tuning:" in summary
     assert "s per slice" in summary  # encoding was timed (fresh cache)

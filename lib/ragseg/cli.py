@@ -333,6 +333,19 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     return 0 if summ else 1
 
 
+def cmd_evaluate_merge(a: argparse.Namespace) -> int:
+    import shlex
+
+    from .evaluate import merge_runs
+
+    command = "ragseg evaluate-merge " + " ".join(shlex.quote(x) for x in [*a.runs, "--out", a.out]) \
+        + (" --no-figures" if a.no_figures else "")
+    summ = merge_runs(a.runs, a.out, command=command, figures=not a.no_figures)
+    print((Path(a.out) / "summary.md").read_text())
+    print(f"wrote {a.out}/results.csv, summary.md, cases.json and figures")
+    return 0 if summ else 1
+
+
 def cmd_finetune(a: argparse.Namespace) -> int:
     from .factory import ModelSet
     from .fewshot import LiteMedSamAdapter, Sam2Adapter
@@ -498,6 +511,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep LiteMedSAM slice embeddings in DIR (2 MB per slice) so a re-run does not re-encode")
     _model_args(ev)
     ev.set_defaults(func=cmd_evaluate)
+
+    em = sub.add_parser("evaluate-merge", help="report several evaluate runs of one data set as one "
+                        "(other seeds, baselines run apart): table, intervals, learning curve")
+    em.add_argument("runs", nargs="+", metavar="RUN", help="evaluate --out folders (results.csv + cases.json)")
+    em.add_argument("--out", required=True, help="folder for the merged results.csv, summary.md and figures")
+    em.add_argument("--no-figures", action="store_true")
+    em.set_defaults(func=cmd_evaluate_merge)
 
     ft = sub.add_parser("finetune", help="fine-tune a prototype-prompted mask decoder on labeled slices")
     ft.add_argument("images", help="image folder")

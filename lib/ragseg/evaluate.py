@@ -38,6 +38,8 @@ Per case and class: Dice and 95% Hausdorff distance (MONAI metrics, mm, on the e
 slices; HD95 is NaN when the prediction or the truth is empty). Writes ``results.csv``,
 ``summary.md`` and PNG figures (Dice by k; overlays of the best and worst cases), and with
 ``save_predictions`` the predicted label maps (canonical slices, ``predictions/*.npz``).
+:func:`merge_runs` (``ragseg evaluate-merge``) reports several runs of one data set as one, so a
+second seed or the baselines can run in another session.
 """
 
 from __future__ import annotations
@@ -661,6 +663,23 @@ def paired_difference(rows: list[dict], classes: Sequence[str], a: str = "retrie
     return out
 
 
+def baseline_difference(rows: list[dict], classes: Sequence[str], a: str = "finetuned",
+                        b: str = "dynunet") -> dict[tuple[int, int], dict[str, float]]:
+    """Per (k of ``a``, n_support): mean over patients of (Dice of few-shot method ``a`` at that k -
+    Dice of baseline ``b``, which has no k), class-averaged, with its 95% CI and the number of
+    patients where ``a`` is better; the same cases for both."""
+    pp = per_patient(rows, classes)
+    out = {}
+    for (m, k, n), pa in pp.items():
+        pb = next((v for (mb, _, nb), v in pp.items() if mb == b and nb == n), None) if m == a else None
+        if not pb:
+            continue
+        d = [pa[p] - pb[p] for p in pa if p in pb]
+        out[(k, n)] = {"diff": float(np.mean(d)), "ci95": ci95(d), "patients": len(d),
+                       "wins": int(sum(x > 0 for x in d))}
+    return out
+
+
 def _fmt(x: float, nd: int = 3) -> str:
     return "n/a" if x != x else f"{x:.{nd}f}"
 
@@ -670,7 +689,9 @@ def _order(key: tuple[str, int, int]) -> tuple:
 
 
 def write_reports(rows: list[dict], cfg: EvalConfig, case_info: dict, command: str, elapsed: float,
-                  models: str = "", timing: dict | None = None) -> dict:
+                  models: str = "", timing: dict | None = None, sources: Sequence[str] = ()) -> dict:
+    """Write ``results.csv``, ``summary.md``, ``cases.json`` and the figures into ``cfg.out``;
+    ``sources``: the commands of the runs a merged report was made from (:func:`merge_runs`)."""
     out = Path(cfg.out)
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
@@ -685,7 +706,8 @@ def write_reports(rows: list[dict], cfg: EvalConfig, case_info: dict, command: s
     lines = [f"Command: `{command}`", "",
              f"Mode `{cfg.mode}`, n = labeled {unit} ({', '.join(map(str, cfg.n_support))}), "
              f"{models or 'backend ' + cfg.backend}; seeds {cfg.seeds}, {len(case_info)} cases, "
-             f"{n_pat} query patients; {elapsed / 60:.1f} min.", "",
+             f"{n_pat} query patients; {_fmt(elapsed / 60, 1)} min" + (" over the runs." if sources else "."), "",
+             *([f"Merged from {len(sources)} runs:", *[f"- `{c}`" for c in sources], ""] if sources else []),
              "Dice, mean ± std over cases (k = supports per query slice; 0 = no supports used); the last column "
              "is the mean over classes with the half-width of its 95% t-interval over patients (a patient's "
              "cases, i.e. volumes x seeds, averaged first):", "",
@@ -703,6 +725,15 @@ def write_reports(rows: list[dict], cfg: EvalConfig, case_info: dict, command: s
         for (k, n), d in sorted(diff.items(), key=lambda kv: (kv[0][1], kv[0][0])):
             lo, hi = d["diff"] - d["ci95"], d["diff"] + d["ci95"]
             lines.append(f"| {n} | {k} | {d['diff']:+.3f} | [{_fmt(lo)}, {_fmt(hi)}] | {d['wins']} / {d['patients']} |")
+    for b in ("unet", "dynunet"):
+        bd = baseline_difference(rows, classes, "finetuned", b)
+        if bd:
+            lines += ["", f"Fine-tuned decoder minus the {b} baseline (same cases), class-mean Dice per patient; mean "
+                          "over patients with its 95% CI, and patients where the fine-tuned decoder is better:", "",
+                      f"| n | k | finetuned - {b} | 95% CI | better / patients |", "|---|---|---|---|---|"]
+            for (k, n), d in sorted(bd.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+                lo, hi = d["diff"] - d["ci95"], d["diff"] + d["ci95"]
+                lines.append(f"| {n} | {k} | {d['diff']:+.3f} | [{_fmt(lo)}, {_fmt(hi)}] | {d['wins']} / {d['patients']} |")
     lines += ["", "HD95 in mm, mean over cases where both masks are non-empty (cases excluded as empty):", "",
               "| method | n | k | " + " | ".join(classes) + " |", "|---|---|---|" + "---|" * len(classes)]
     for key in keys:
@@ -711,7 +742,9 @@ def write_reports(rows: list[dict], cfg: EvalConfig, case_info: dict, command: s
                      + " | ".join(f"{_fmt(e[c]['hd95_mean'], 1)} ({e[c]['hd95_nan']})" for c in classes) + " |")
     lines += _timing_lines(rows, case_info, timing)
     (out / "summary.md").write_text("\n".join(lines) + "\n")
-    (out / "cases.json").write_text(json.dumps({"config": asdict(cfg), "cases": case_info, "timing": timing or {}},
+    (out / "cases.json").write_text(json.dumps({"config": asdict(cfg), "cases": case_info, "timing": timing or {},
+                                                "command": command, "elapsed_s": round(elapsed, 1), "models": models,
+                                                **({"merged_from": list(sources)} if sources else {})},
                                                indent=1, default=str))
     if cfg.figures:
         _figures(rows, cfg, summ)
@@ -874,3 +907,93 @@ def run_evaluation(cfg: EvalConfig, command: str = "", progress: bool = True) ->
     m = h.models
     models = f"backend {m.backend} ({m.backend_reason}); retrieval {m.retrieval} ({m.retrieval_reason})"
     return write_reports(rows, cfg, h.case_info, command, time.perf_counter() - t0, models, timing)
+
+
+# configuration fields runs may differ in and still be reported together: which seeds, pool sizes, k
+# values and methods each ran, and where it kept its files. Anything else (data, classes, the methods'
+# settings) must be equal, or the merged table would mix settings under one row.
+MERGE_MAY_DIFFER = ("seeds", "n_support", "ks", "methods", "out", "feature_cache", "figures", "save_predictions")
+# settings that only some methods read: they must agree only between runs that ran one of those methods
+_BASELINE = ("unet", "dynunet")
+SETTING_METHODS = {"baseline_iters": _BASELINE, "baseline_time_s": _BASELINE, "baseline_size": _BASELINE,
+                   "finetune_epochs": ("finetuned",), "finetune_retrieved": ("finetuned",),
+                   "finetune_augment": ("finetuned",), "finetune_precision": ("finetuned",)}
+
+
+def _run_record(run: Path) -> tuple[list[dict], dict]:
+    """One run folder's rows (typed as the harness wrote them) and its ``cases.json``."""
+    try:
+        info = json.loads((run / "cases.json").read_text())
+        with open(run / "results.csv", newline="") as f:
+            raw = list(csv.DictReader(f))
+    except FileNotFoundError as e:
+        raise RagsegError(f"{run}: not an evaluation run folder (missing {Path(e.filename).name})") from None
+    except (json.JSONDecodeError, csv.Error) as e:
+        raise RagsegError(f"{run}: unreadable run record: {e}") from None
+    ints = ("n_support", "seed", "k", "label", "gt_voxels", "pred_voxels", "query_slices")
+    rows = []
+    for r in raw:
+        try:
+            rows.append({**r, **{c: int(r[c]) for c in ints},
+                         **{c: float(r[c]) for c in ("dice", "hd95", "seconds")}})
+        except (KeyError, ValueError) as e:
+            raise RagsegError(f"{run}/results.csv: bad row {r.get('case', '?')}: {e}") from None
+    if "command" not in info:  # runs from before cases.json kept these: read them from the summary
+        lines = (run / "summary.md").read_text().splitlines() if (run / "summary.md").exists() else []
+        info["command"] = lines[0].removeprefix("Command: ").strip("`") if lines else str(run)
+        head = next((x for x in lines if x.startswith("Mode `")), "")
+        m = re.search(r"\), (backend .*); seeds \[", head)
+        info.setdefault("models", m.group(1) if m else "")
+        m = re.search(r"; ([0-9.]+) min\.$", head)
+        info.setdefault("elapsed_s", float(m.group(1)) * 60 if m else float("nan"))
+    return rows, info
+
+
+def merge_runs(runs: Sequence[str | Path], out: str | Path, command: str = "", figures: bool = True) -> dict:
+    """Report several ``ragseg evaluate`` runs of one data set as one: e.g. a second seed run in
+    another session, or the baselines run apart from the few-shot methods. Their settings must agree
+    except for :data:`MERGE_MAY_DIFFER`, and no (case, method, k) may be in two runs. Writes the
+    same files as :func:`run_evaluation` into ``out`` (the learning curve over every pool size) and
+    returns the summary."""
+    if len(runs) < 2:
+        raise RagsegError("merging needs at least two run folders")
+    records = [(Path(r), *_run_record(Path(r))) for r in runs]
+    base = dict(records[0][2]["config"])
+    for key, users in SETTING_METHODS.items():  # the value from the runs whose methods read it
+        using = [info["config"] for _, _, info in records if set(info["config"]["methods"]) & set(users)]
+        if using:
+            base[key] = using[0].get(key)
+    for run, _, info in records:
+        cfg = info["config"]
+        bad = sorted(k for k in set(base) | set(cfg) if k not in MERGE_MAY_DIFFER and base.get(k) != cfg.get(k)
+                     and (k not in SETTING_METHODS or set(cfg["methods"]) & set(SETTING_METHODS[k])))
+        if bad:
+            raise RagsegError(f"{run} was run with other settings than {records[0][0]}: "
+                              + ", ".join(f"{k} {cfg.get(k)!r} vs {base.get(k)!r}" for k in bad))
+    rows: list[dict] = []
+    seen: dict[tuple, Path] = {}
+    case_info: dict[str, dict] = {}
+    timing = {"total_slices": 0, "encoded_slices": 0, "encode_s": 0.0}
+    for run, rs, info in records:
+        for r in rs:
+            key = (r["case"], r["method"], r["k"], r["class"])
+            if key in seen and seen[key] != run:
+                raise RagsegError(f"case {r['case']}, {r['method']} k={r['k']} is in both {seen[key]} and {run}")
+            seen[key] = run
+        rows += rs
+        for name, ci in info["cases"].items():
+            case_info.setdefault(name, {}).update(ci)
+        t = info.get("timing") or {}
+        timing["total_slices"] = max(timing["total_slices"], int(t.get("total_slices", 0)))
+        timing["encoded_slices"] += int(t.get("encoded_slices", 0))
+        timing["encode_s"] += float(t.get("encode_s", 0.0))
+    union = {k: sorted({v for _, _, info in records for v in info["config"][k]}) for k in ("seeds", "n_support", "ks")}
+    methods = {m for _, _, info in records for m in info["config"]["methods"]}
+    cfg = EvalConfig(**{**base, **union, "methods": [m for m in METHODS if m in methods], "out": str(out),
+                        "feature_cache": None, "save_predictions": False, "figures": figures})
+    cfg.validate()
+    Path(out).mkdir(parents=True, exist_ok=True)
+    elapsed = sum(float(info.get("elapsed_s", float("nan"))) for _, _, info in records)
+    models = records[0][2].get("models", "")
+    return write_reports(rows, cfg, case_info, command, elapsed, models, timing,
+                         sources=[info["command"] for _, _, info in records])
