@@ -163,7 +163,8 @@ FINETUNE_RETRIEVED_POOL = 2  # a retrieved-like draw takes k of the k x this mos
 # lifts ACDC (4 labeled, all background-framed) to 0.810 / 0.799 over two seeds with bf16 (0.787 / 0.783
 # without; 455-494 s + ~87 s encoding the copies) and 0.820 / 0.813 in float32; hippocampus crops (all
 # tissue-framed) are not copied - copying them cost 0.687 (zeros beyond the frame) or 0.743 / 0.710 (the
-# edge continued) vs 0.765 / 0.731 without (docs/results.md, "Augmented copies").
+# edge continued) vs 0.765 / 0.731 without (docs/results.md, "Augmented copies"); copies that zoom in so
+# nothing beyond the frame shows gave 0.741 vs 0.755 over two pools ("Copies of tissue-framed crops").
 FINETUNE_AUGMENT = 1
 FINETUNE_MAX_AUGMENT = 8  # what the train task accepts (each copy is one more encode per labeled slice)
 
