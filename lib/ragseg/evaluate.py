@@ -774,7 +774,7 @@ def _timing_lines(rows: list[dict], case_info: dict, timing: dict | None) -> lis
     if ft:
         lines.append(f"- fine-tuning: {len(ft)} training(s), {np.mean([f['train_s'] for f in ft]):.1f} s each "
                      f"({ft[0]['epochs']} epochs, {ft[0].get('augmented_copies', 0)} augmented copies of each "
-                     f"labeled slice framed by background, {ft[0].get('precision', 'float32')} arithmetic, embeddings cached), best training Dice "
+                     f"labeled slice framed by background, {' / '.join(sorted({f.get('precision', 'float32') for f in ft}))} arithmetic, embeddings cached), best training Dice "
                      f"{np.mean([f['best_metric'] for f in ft]):.3f}; exclusive regions (label pairs lying "
                      f"apart) in {sum(bool(f.get('exclusive')) for f in ft)} of {len(ft)} pool(s): "
                      f"{', '.join(sorted({json.dumps(f.get('exclusive')) for f in ft}))}")
