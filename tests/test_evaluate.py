@@ -229,7 +229,7 @@ def test_merged_runs_report_as_one_and_refuse_what_does_not_belong_together(tmp_
     runs with other settings or the same cases are refused."""
     from ragseg.cli import main
     from ragseg.errors import RagsegError
-    from ragseg.evaluate import baseline_difference, merge_runs, summarize
+    from ragseg.evaluate import merge_runs, paired_difference, summarize
 
     rng = np.random.default_rng(0)
     a = _run_folder(tmp_path / "s0", 0, ["retrieved", "finetuned"], rng)
@@ -245,7 +245,7 @@ def test_merged_runs_report_as_one_and_refuse_what_does_not_belong_together(tmp_
     for (m, k, n), e in summ.items():
         assert e["mean"]["patients"] == 3
         assert f"| {m} | {n} | {k} |" in text and f"{e['mean']['dice_mean']:.3f} ± {e['mean']['dice_ci95']:.3f} |" in text
-    diff = baseline_difference(a + b + c + d, ["x", "y"], "finetuned", "dynunet")
+    diff = paired_difference(a + b + c + d, ["x", "y"], "finetuned", "dynunet")
     assert set(diff) == {(3, 1), (3, 2)}
     assert f"| 2 | 3 | {diff[(3, 2)]['diff']:+.3f} |" in text and "finetuned - dynunet" in text
     merged = list(csv.DictReader(open(out / "results.csv")))

@@ -650,28 +650,12 @@ def summarize(rows: list[dict], classes: Sequence[str]) -> dict:
 def paired_difference(rows: list[dict], classes: Sequence[str], a: str = "retrieved",
                       b: str = "random") -> dict[tuple[int, int], dict[str, float]]:
     """Per (k, n_support): mean over patients of (Dice of ``a`` - Dice of ``b``), class-averaged,
-    with its 95% CI and the number of patients where ``a`` is better; same cases for both."""
+    with its 95% CI and the number of patients where ``a`` is better; same cases for both. A ``b``
+    without supports (a baseline, :data:`K_FREE`) is compared with ``a`` at each of its k."""
     pp = per_patient(rows, classes)
     out = {}
     for (m, k, n), pa in pp.items():
-        pb = pp.get((b, k, n)) if m == a else None
-        if not pb:
-            continue
-        d = [pa[p] - pb[p] for p in pa if p in pb]
-        out[(k, n)] = {"diff": float(np.mean(d)), "ci95": ci95(d), "patients": len(d),
-                       "wins": int(sum(x > 0 for x in d))}
-    return out
-
-
-def baseline_difference(rows: list[dict], classes: Sequence[str], a: str = "finetuned",
-                        b: str = "dynunet") -> dict[tuple[int, int], dict[str, float]]:
-    """Per (k of ``a``, n_support): mean over patients of (Dice of few-shot method ``a`` at that k -
-    Dice of baseline ``b``, which has no k), class-averaged, with its 95% CI and the number of
-    patients where ``a`` is better; the same cases for both."""
-    pp = per_patient(rows, classes)
-    out = {}
-    for (m, k, n), pa in pp.items():
-        pb = next((v for (mb, _, nb), v in pp.items() if mb == b and nb == n), None) if m == a else None
+        pb = pp.get((b, 0 if b in K_FREE else k, n)) if m == a else None
         if not pb:
             continue
         d = [pa[p] - pb[p] for p in pa if p in pb]
@@ -726,7 +710,7 @@ def write_reports(rows: list[dict], cfg: EvalConfig, case_info: dict, command: s
             lo, hi = d["diff"] - d["ci95"], d["diff"] + d["ci95"]
             lines.append(f"| {n} | {k} | {d['diff']:+.3f} | [{_fmt(lo)}, {_fmt(hi)}] | {d['wins']} / {d['patients']} |")
     for b in ("unet", "dynunet"):
-        bd = baseline_difference(rows, classes, "finetuned", b)
+        bd = paired_difference(rows, classes, "finetuned", b)
         if bd:
             lines += ["", f"Fine-tuned decoder minus the {b} baseline (same cases), class-mean Dice per patient; mean "
                           "over patients with its 95% CI, and patients where the fine-tuned decoder is better:", "",
