@@ -603,6 +603,75 @@ def test_decoder_keeps_its_area_cap_and_the_engine_serves_it(tmp_path, monkeypat
     assert seen == [576, 1440, None], seen
 
 
+def test_touching_prior_keeps_regions_whole_that_reach_into_it():
+    """Clipping (the default) cuts a region to the cells near the supports' structure; with
+    ``touch`` a region that reaches into them is kept whole (a larger structure than the
+    supports' gets its whole box) and one that never reaches them is still dropped."""
+    from ragseg.prototypes import coarse_regions, location_split
+
+    g = 16
+    fg, bg = torch.zeros(4), torch.zeros(4)
+    fg[0], bg[1] = 1.0, 1.0
+    emb = torch.zeros(4, g, g)
+    emb[1] = 1.0
+    emb[0, 4:12, 4:12] = 2.0  # the query's structure: 64 cells, larger than the supports' ...
+    emb[0, 0:2, 13:16] = 2.0  # ... and a foreground-like patch far from it (6 cells)
+    masks = torch.zeros(1, g, g)
+    masks[0, 6:9, 6:9] = 1.0  # ... which show it as 9 cells; the prior dilates them by 1 cell
+    prior, near = location_split(masks, 1)
+    assert near is None and 9 < prior.sum() <= 25 and not prior[:, 10:].any()
+    clipped = coarse_regions(emb, fg, bg, prior)
+    assert len(clipped) == 1 and (clipped[0] == prior).all()
+    loc = prior
+    prior, near = location_split(masks, 1, touch=True)
+    assert prior is None and (near == loc).all()
+    whole = coarse_regions(emb, fg, bg, prior, near=near, max_regions=2)
+    assert len(whole) == 1 and whole[0].sum() == 64 and whole[0][4:12, 4:12].all()
+    allowed = np.ones((g, g), bool)
+    allowed[:, :6] = False  # a label's exclusive cells still clip
+    prior, near = location_split(masks, 1, allowed, touch=True)
+    assert coarse_regions(emb, fg, bg, prior, near=near)[0].sum() == 48
+    far = torch.zeros(1, g, g)
+    far[0, 14:16, 0:2] = 1.0  # supports elsewhere: no region reaches there
+    prior, near = location_split(far, 1, touch=True)
+    assert coarse_regions(emb, fg, bg, prior, near=near, max_regions=2) == []
+
+
+def test_decoder_keeps_its_prior_mode_and_the_engine_serves_it(tmp_path, monkeypatch):
+    """``prior_touch`` is saved with the decoder (False for decoders saved before it existed) and
+    the engine serves a decoder with the mode it was trained with."""
+    from ragseg import prototypes
+    from ragseg.engine import Support
+    from ragseg.fewshot import LiteMedSamAdapter, PrototypeDecoder
+    from ragseg.litemedsam import LiteMedSAM, LiteMedSamEngine
+
+    lite = LiteMedSAM.random(seed=0)
+    adapter = LiteMedSamAdapter(lite)
+    PrototypeDecoder(adapter, prior_touch=True).save(tmp_path / "d", {"labels": [1]})
+    dec, man = PrototypeDecoder.load(tmp_path / "d", adapter)
+    assert man["prior_touch"] is True and dec.prior_touch is True
+    man.pop("prior_touch")
+    (tmp_path / "d" / "manifest.json").write_text(json.dumps(man))
+    old = PrototypeDecoder.load(tmp_path / "d", adapter)[0]
+    assert old.prior_touch is False
+
+    seen: list = []
+    real = prototypes.coarse_regions
+
+    def spy(*a, near=None, **kw):
+        seen.append(near is not None)
+        return real(*a, near=near, **kw)
+    monkeypatch.setattr(prototypes, "coarse_regions", spy)
+    img = np.full((64, 64), 0.1, np.float32)
+    img[20:44, 16:40] = 0.9
+    mask = np.zeros((64, 64), bool)
+    mask[20:44, 16:40] = True
+    sups = [[[Support("a|1", lambda: (img, mask))]]]
+    LiteMedSamEngine(lite, decoder=old).segment_queries(img[None], sups)
+    LiteMedSamEngine(lite, decoder=dec).segment_queries(img[None], sups)
+    assert seen == [False, True], seen
+
+
 def test_area_cap_option_parsing():
     from ragseg.label_app.config import AppConfig, ConfigError
     from ragseg.prototypes import parse_area_cap
