@@ -78,7 +78,6 @@ FEATURE_CACHE_BYTES = 1 << 30  # query-slice encoder features kept across reques
 # --- LiteMedSAM backend and prototype prompts ------------------------------------------------------
 APART_FRACTION = 0.1  # labels touching in at most this fraction of the slices with both lie "apart"
 LOCATION_PRIOR = 2  # embedding cells a query region may lie from the supports' structure (None: off)
-PRIOR_TOUCH = False  # the location prior picks whole regions that reach into it, instead of clipping them
 # A coarse region may keep at most a multiple of the supports' structure area (most foreground-like
 # cells first). Training-free, 4 labeled patients, no cap -> 1.5x: hippocampus 0.506 -> 0.630,
 # CT 0.783 -> 0.789, but ACDC 0.514 -> 0.455 and MS 0.065 -> 0.034; choosing the factor on the

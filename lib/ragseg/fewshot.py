@@ -43,7 +43,7 @@ from .prototypes import (
     apart_pairs,
     coarse_regions,
     exclusive_cells,
-    location_split,
+    location_prior,
     mask_grid,
     masked_prototypes,
     region_box,
@@ -162,23 +162,18 @@ class PrototypeDecoder(nn.Module):
         area_cap: a box's region keeps at most this multiple of the supports' structure area
             (:func:`ragseg.prototypes.region_cell_cap`); None: off. The engine serves the decoder
             with the cap it was trained with.
-        prior_touch: the location prior only picks the regions that reach into it, kept whole,
-            instead of clipping them to it (:func:`ragseg.prototypes.location_split`); served
-            as trained, like ``area_cap``.
     """
 
     def __init__(self, adapter: DecoderAdapter, *, use_box: bool = True,
                  location_prior: int | None = defaults.LOCATION_PRIOR,
                  exclusive: bool | list[tuple[int, int]] | None = None,
-                 area_cap: float | None = defaults.REGION_AREA_CAP,
-                 prior_touch: bool = defaults.PRIOR_TOUCH):
+                 area_cap: float | None = defaults.REGION_AREA_CAP):
         super().__init__()
         object.__setattr__(self, "adapter", adapter)  # not a submodule: its weights are not ours
         self.use_box = use_box
         self.location_prior = location_prior
         self.exclusive = exclusive
         self.area_cap = area_cap
-        self.prior_touch = bool(prior_touch)
         self.decoder = copy.deepcopy(adapter.mask_decoder)
         c = adapter.embed_dim
         self.proj = nn.Linear(c, c)  # starts as identity: the untrained model is the paper's zero-shot
@@ -226,8 +221,10 @@ class PrototypeDecoder(nn.Module):
             return None
         if not self.use_box:
             return protos[0], protos[1], [torch.zeros(4)]
-        prior, near = location_split(support_grid_masks, self.location_prior, allowed, touch=self.prior_touch)
-        regions = coarse_regions(query_emb, *protos, prior, near=near, max_regions=max_regions,
+        prior = location_prior(support_grid_masks, self.location_prior)
+        if allowed is not None:
+            prior = allowed if prior is None else prior & allowed
+        regions = coarse_regions(query_emb, *protos, prior, max_regions=max_regions,
                                  max_cells=region_cell_cap(support_grid_masks, self.area_cap), normalized=normalized)
         if not regions:
             return None
@@ -240,7 +237,7 @@ class PrototypeDecoder(nn.Module):
         d.mkdir(parents=True, exist_ok=True)
         man = {"format": FORMAT_VERSION, "backbone": self.adapter.backbone_id, "use_box": self.use_box,
                "location_prior": self.location_prior, "exclusive": self.exclusive, "area_cap": self.area_cap,
-               "prior_touch": self.prior_touch, **manifest}
+               **manifest}
         _atomic_write(d / WEIGHTS, lambda f: torch.save(self.state_dict(), f))
         _atomic_write(d / MANIFEST, lambda f: f.write(json.dumps(man, indent=2, default=str).encode()))
         return d
@@ -262,9 +259,9 @@ class PrototypeDecoder(nn.Module):
                               f"not {adapter.backbone_id!r}")
         ex = man.get("exclusive", False)
         ex = [tuple(int(v) for v in p) for p in ex] if isinstance(ex, list) else bool(ex)
-        # decoders saved before the size cap / touching prior existed were trained without them
+        # decoders saved before the size cap existed were trained without one
         dec = cls(adapter, use_box=bool(man["use_box"]), location_prior=man.get("location_prior"), exclusive=ex,
-                  area_cap=man.get("area_cap"), prior_touch=bool(man.get("prior_touch", False)))
+                  area_cap=man.get("area_cap"))
         try:
             state = torch.load(d / WEIGHTS, map_location="cpu", weights_only=True)
             dec.load_state_dict(state, strict=True)

@@ -311,7 +311,7 @@ class LiteMedSamEngine:
         from .prototypes import (
             coarse_regions,
             exclusive_cells,
-            location_split,
+            location_prior,
             masked_prototypes,
             region_box,
             region_cell_cap,
@@ -322,7 +322,6 @@ class LiteMedSamEngine:
         tm = timings if timings is not None else {}
         decoder = self.decoder  # one decoder for the whole request, even if another is swapped in meanwhile
         cap = getattr(decoder, "area_cap", None) if decoder is not None else self.area_cap
-        touch = bool(getattr(decoder, "prior_touch", False)) if decoder is not None else defaults.PRIOR_TOUCH
         n, H, W = queries.shape
         L = len(supports)
         distinct: dict[str, Support] = {}
@@ -362,15 +361,16 @@ class LiteMedSamEngine:
                 if decoder is not None and not getattr(decoder, "use_box", True):
                     items.append((li, fg, bg, torch.zeros(4)))  # prototypes alone
                     continue
-                prior, near = location_split(gm, self.location_prior, owner.get(li), touch=touch)
+                prior = location_prior(gm, self.location_prior)
+                if li in owner:
+                    prior = owner[li] if prior is None else prior & owner[li]
                 if scorers.get(li) is not None:
                     if qint is None:
                         qint = cell_intensity(queries[qi:qi + 1], IMAGE_SIZE, EMBED_SIZE)[0]
-                    regions = score_regions(scorers[li].score(q, qint).numpy(), prior, near=near,
-                                            max_regions=self.max_regions,
+                    regions = score_regions(scorers[li].score(q, qint).numpy(), prior, max_regions=self.max_regions,
                                             max_cells=region_cell_cap(gm, cap))
                 else:
-                    regions = coarse_regions(q, fg, bg, prior, near=near, max_regions=self.max_regions,
+                    regions = coarse_regions(q, fg, bg, prior, max_regions=self.max_regions,
                                              max_cells=region_cell_cap(gm, cap))
                 for r in regions:
                     items.append((li, fg, bg, region_box(r, IMAGE_SIZE)))

@@ -134,15 +134,13 @@ def apart_pairs(label_maps: torch.Tensor | np.ndarray, values: list[int],
 
 
 def coarse_regions(query_emb: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor, prior: np.ndarray | None = None,
-                   *, near: np.ndarray | None = None, max_regions: int = 1, min_cells: int = 1,
-                   max_cells: int | None = None, normalized: bool = False) -> list[np.ndarray]:
+                   *, max_regions: int = 1, min_cells: int = 1, max_cells: int | None = None,
+                   normalized: bool = False) -> list[np.ndarray]:
     """Connected foreground-like regions of the query ([g, g] bool each), largest first.
 
     Args:
         query_emb: [C, g, g] query embedding.
         prior: [g, g] bool: keep only cells inside (see :func:`location_prior`).
-        near: [g, g] bool: keep only regions that reach into these cells, whole (see
-            :func:`location_split`).
         max_regions: how many regions to return (1 for one organ; more for lesions).
         min_cells: drop regions smaller than this many grid cells.
         max_cells: keep at most about this many foreground-like cells, the most foreground-like
@@ -150,11 +148,11 @@ def coarse_regions(query_emb: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor, 
         normalized: ``query_emb`` is already unit-length along C (:func:`similarity_map`).
     """
     return score_regions(similarity_map(query_emb, fg, bg, normalized=normalized).cpu().numpy(), prior,
-                         near=near, max_regions=max_regions, min_cells=min_cells, max_cells=max_cells)
+                         max_regions=max_regions, min_cells=min_cells, max_cells=max_cells)
 
 
-def score_regions(sim: np.ndarray, prior: np.ndarray | None = None, *, near: np.ndarray | None = None,
-                  max_regions: int = 1, min_cells: int = 1, max_cells: int | None = None) -> list[np.ndarray]:
+def score_regions(sim: np.ndarray, prior: np.ndarray | None = None, *, max_regions: int = 1, min_cells: int = 1,
+                  max_cells: int | None = None) -> list[np.ndarray]:
     """Connected regions of cells scoring > 0 on ``sim`` [g, g] (any per-cell score: the prototype
     cosine difference, :mod:`ragseg.cellscore`'s regression), largest first; arguments as in
     :func:`coarse_regions`."""
@@ -169,24 +167,8 @@ def score_regions(sim: np.ndarray, prior: np.ndarray | None = None, *, near: np.
     if n == 0:
         return []
     sizes = np.asarray(ndimage.sum(coarse, lab, range(1, n + 1)))
-    if near is not None:  # regions that never reach where the supports put the structure
-        sizes = np.where(np.asarray(ndimage.sum(near, lab, range(1, n + 1))) > 0, sizes, 0)
-    order = [int(i) for i in np.argsort(-sizes, kind="stable") if sizes[i] >= max(min_cells, 1)][:max_regions]
+    order = [int(i) for i in np.argsort(-sizes, kind="stable") if sizes[i] >= min_cells][:max_regions]
     return [lab == (i + 1) for i in order]
-
-
-def location_split(support_grid_masks: torch.Tensor, cells: int | None, allowed: np.ndarray | None = None,
-                   *, touch: bool = False) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """(prior, near) for :func:`score_regions` from the supports' grid masks and the cells a label
-    may use (``allowed``, e.g. :func:`exclusive_cells`): with ``touch`` the location prior only
-    chooses which regions count, kept whole (``near``; a structure larger than the supports'
-    still gets its whole box), else it also clips them (``prior``)."""
-    loc = location_prior(support_grid_masks, cells)
-    if touch:
-        return allowed, loc
-    if allowed is not None:
-        loc = allowed if loc is None else loc & allowed
-    return loc, None
 
 
 def parse_area_cap(value: object) -> float | None:
