@@ -200,13 +200,18 @@ def test_learning_curve_series_are_told_apart():
     assert len({st[(m, 3 if m not in K_FREE else 0)][0] for m in METHODS}) == len(METHODS)
 
 
-def _run_folder(path, seed, methods, rng, **cfg_kw):
+def _run_folder(path, seed, methods, rng, command=None, **cfg_kw):
     """A run folder as `ragseg evaluate` leaves it (results.csv, cases.json, summary.md), written by
-    the harness's own report writer from rows of 3 patients x 2 pool sizes."""
+    the harness's own report writer from rows of 3 patients x 2 pool sizes; with ``command`` (a
+    ``ragseg evaluate`` line) its settings are that command's as the CLI parses it."""
+    from ragseg.cli import config_from_command
     from ragseg.evaluate import K_FREE, EvalConfig, write_reports
 
-    cfg = EvalConfig(images="/data/ds", labels=None, out=str(path), classes={"x": 1, "y": 2}, mode="cross",
-                     n_support=[1, 2], ks=[3], seeds=[seed], methods=methods, figures=False, **cfg_kw)
+    if command is not None:
+        cfg = config_from_command(command)
+    else:
+        cfg = EvalConfig(images="/data/ds", labels=None, out=str(path), classes={"x": 1, "y": 2}, mode="cross",
+                         n_support=[1, 2], ks=[3], seeds=[seed], methods=methods, figures=False, **cfg_kw)
     path.mkdir()
     rows, info = [], {}
     for p in range(3):
@@ -219,7 +224,8 @@ def _run_folder(path, seed, methods, rng, **cfg_kw):
                                  "method": m, "k": 0 if m in K_FREE else 3, "class": c, "label": lab,
                                  "dice": float(rng.uniform(0.5, 0.9)), "hd95": float(rng.uniform(1, 5)),
                                  "gt_voxels": 100, "pred_voxels": 90, "query_slices": 10, "seconds": 1.0})
-    write_reports(rows, cfg, info, f"ragseg evaluate --seeds {seed} {' '.join(methods)}", 60.0, "backend test")
+    write_reports(rows, cfg, info, command or f"ragseg evaluate --seeds {seed} {' '.join(methods)}", 60.0,
+                  "backend test")
     return rows
 
 
@@ -269,3 +275,36 @@ def test_merged_runs_report_as_one_and_refuse_what_does_not_belong_together(tmp_
     with pytest.raises(RagsegError, match="not an evaluation run"):
         merge_runs([tmp_path / "s0", tmp_path / "nowhere"], tmp_path / "m5")
     assert not (tmp_path / "m2").exists() and not (tmp_path / "m4").exists()  # nothing written on refusal
+
+
+def test_merge_reads_a_run_that_kept_only_its_table(tmp_path, capsys):
+    """A run kept as results.csv + summary.md (docs/results) merges with a full run folder: its
+    settings come from the command on the summary's first line, parsed by the CLI, so a setting
+    that differs is still refused; without the parser such a folder is refused."""
+    from ragseg.cli import main
+    from ragseg.errors import RagsegError
+    from ragseg.evaluate import merge_runs, summarize
+
+    rng = np.random.default_rng(1)
+
+    def cmd(seed, methods="retrieved,finetuned", *extra):
+        return (f"ragseg evaluate /data/ds --classes x=1,y=2 --mode cross --n-support 1,2 --k 3 --methods {methods} "
+                f"--seeds {seed} --no-figures --out {tmp_path / f's{seed}'} " + " ".join(extra)).strip()
+
+    a = _run_folder(tmp_path / "s0", 0, ["retrieved", "finetuned"], rng, command=cmd(0))
+    b = _run_folder(tmp_path / "s1", 1, ["retrieved", "finetuned"], rng, command=cmd(1))
+    (tmp_path / "s0" / "cases.json").unlink()  # as the table is kept in docs/results
+    with pytest.raises(RagsegError, match="missing cases.json"):
+        merge_runs([tmp_path / "s0", tmp_path / "s1"], tmp_path / "m0")
+    out = tmp_path / "merged"
+    assert main(["evaluate-merge", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(out), "--no-figures"]) == 0
+    text = (out / "summary.md").read_text()
+    assert "seeds [0, 1], 12 cases" in text
+    for (m, k, n), e in summarize(a + b, ["x", "y"]).items():
+        assert e["mean"]["patients"] == 3
+        assert f"| {m} | {n} | {k} |" in text and f"{e['mean']['dice_mean']:.3f} ± {e['mean']['dice_ci95']:.3f} |" in text
+    # the table's command ran with another setting than the full run: refused, naming it
+    _run_folder(tmp_path / "s2", 2, ["retrieved"], rng, command=cmd(2, "retrieved", "--max-regions", "5"))
+    (tmp_path / "s2" / "cases.json").unlink()
+    assert main(["evaluate-merge", str(tmp_path / "s1"), str(tmp_path / "s2"), "--out", str(tmp_path / "m1")]) != 0
+    assert "max_regions 5 vs 1" in capsys.readouterr().err and not (tmp_path / "m1").exists()

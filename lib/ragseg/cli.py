@@ -304,15 +304,11 @@ def _ints(flag: str, spec: str) -> list[int]:
         raise RagsegError(f"{flag}: expected comma-separated integers, got {spec!r}") from None
 
 
-def cmd_evaluate(a: argparse.Namespace) -> int:
-    import shlex
+def _eval_config(a: argparse.Namespace):
+    """The EvalConfig of parsed ``ragseg evaluate`` arguments."""
+    from .evaluate import EvalConfig
 
-    from .evaluate import EvalConfig, run_evaluation
-
-    if a.random_weights_for_testing:
-        print("WARNING: --random-weights-for-testing: models have RANDOM weights; numbers are meaningless",
-              file=sys.stderr)
-    cfg = EvalConfig(images=a.images, labels=a.labels, out=a.out, classes=_classes(a.classes), mode=a.mode,
+    return EvalConfig(images=a.images, labels=a.labels, out=a.out, classes=_classes(a.classes), mode=a.mode,
                      n_support=_ints("--n-support", a.n_support), ks=_ints("--k", a.k), seeds=_ints("--seeds", a.seeds),
                      methods=[m.strip() for m in a.methods.split(",") if m.strip()], modality=a.modality,
                      ct_window=a.ct_window, axis=a.axis, backend=a.backend, retrieval=a.retrieval,
@@ -327,6 +323,28 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
                      random_weights=a.random_weights_for_testing, sam2_variant=a.sam2_variant,
                      label_suffix=a.label_suffix, subjects=[x for x in a.subjects.split(",") if x],
                      **({"group_pattern": a.group_by} if a.group_by else {}))
+
+
+def config_from_command(command: str):
+    """The EvalConfig a printed ``ragseg evaluate ...`` command line ran with (options it left out
+    take today's defaults): how ``evaluate-merge`` reads a run that kept only its table."""
+    import shlex
+
+    argv = shlex.split(command)
+    if argv[:2] != ["ragseg", "evaluate"]:
+        raise ValueError("not a ragseg evaluate command")
+    return _eval_config(build_parser().parse_args(argv[1:]))
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    import shlex
+
+    from .evaluate import run_evaluation
+
+    if a.random_weights_for_testing:
+        print("WARNING: --random-weights-for-testing: models have RANDOM weights; numbers are meaningless",
+              file=sys.stderr)
+    cfg = _eval_config(a)
     summ = run_evaluation(cfg, command="ragseg " + " ".join(shlex.quote(x) for x in sys.argv[1:]))
     print((Path(a.out) / "summary.md").read_text())
     print(f"wrote {a.out}/results.csv, summary.md, cases.json" + (", dice_by_k.png" if cfg.figures else ""))
@@ -340,7 +358,7 @@ def cmd_evaluate_merge(a: argparse.Namespace) -> int:
 
     command = "ragseg evaluate-merge " + " ".join(shlex.quote(x) for x in [*a.runs, "--out", a.out]) \
         + (" --no-figures" if a.no_figures else "")
-    summ = merge_runs(a.runs, a.out, command=command, figures=not a.no_figures)
+    summ = merge_runs(a.runs, a.out, command=command, figures=not a.no_figures, config_of=config_from_command)
     print((Path(a.out) / "summary.md").read_text())
     print(f"wrote {a.out}/results.csv, summary.md, cases.json and figures")
     return 0 if summ else 1
@@ -514,7 +532,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     em = sub.add_parser("evaluate-merge", help="report several evaluate runs of one data set as one "
                         "(other seeds, baselines run apart): table, intervals, learning curve")
-    em.add_argument("runs", nargs="+", metavar="RUN", help="evaluate --out folders (results.csv + cases.json)")
+    em.add_argument("runs", nargs="+", metavar="RUN", help="evaluate --out folders (results.csv + cases.json; a folder holding only "
+                    "results.csv and summary.md, as docs/results keeps them, is read with the settings of the "
+                    "command on the summary's first line)")
     em.add_argument("--out", required=True, help="folder for the merged results.csv, summary.md and figures")
     em.add_argument("--no-figures", action="store_true")
     em.set_defaults(func=cmd_evaluate_merge)

@@ -904,10 +904,17 @@ SETTING_METHODS = {"baseline_iters": _BASELINE, "baseline_time_s": _BASELINE, "b
                    "finetune_augment": ("finetuned",), "finetune_precision": ("finetuned",)}
 
 
-def _run_record(run: Path) -> tuple[list[dict], dict]:
-    """One run folder's rows (typed as the harness wrote them) and its ``cases.json``."""
+def _run_record(run: Path, config_of: Callable[[str], EvalConfig] | None = None) -> tuple[list[dict], dict]:
+    """One run folder's rows (typed as the harness wrote them) and its ``cases.json``.
+
+    ``config_of``: for a folder that kept only ``results.csv`` and ``summary.md`` (as the tables in
+    docs/results do), the settings parsed from the command on the summary's first line (see
+    :func:`_record_without_cases`); without it such a folder is refused."""
     try:
-        info = json.loads((run / "cases.json").read_text())
+        if config_of is not None and not (run / "cases.json").exists() and (run / "summary.md").exists():
+            info = _record_without_cases(run, config_of)
+        else:
+            info = json.loads((run / "cases.json").read_text())
         with open(run / "results.csv", newline="") as f:
             raw = list(csv.DictReader(f))
     except FileNotFoundError as e:
@@ -930,18 +937,40 @@ def _run_record(run: Path) -> tuple[list[dict], dict]:
         info.setdefault("models", m.group(1) if m else "")
         m = re.search(r"; ([0-9.]+) min\.$", head)
         info.setdefault("elapsed_s", float(m.group(1)) * 60 if m else float("nan"))
+    if info.get("cases") is None:  # no cases.json: the cases are the rows' (no fine-tuning records)
+        info["cases"] = {r["case"]: {"subject": r["subject"], "seed": r["seed"], "n_support": r["n_support"]}
+                         for r in rows}
     return rows, info
 
 
-def merge_runs(runs: Sequence[str | Path], out: str | Path, command: str = "", figures: bool = True) -> dict:
+def _record_without_cases(run: Path, config_of: Callable[[str], EvalConfig]) -> dict:
+    """A stand-in ``cases.json`` for a run that kept only its table: the settings are the command's
+    (on the summary's first line) as ``config_of`` parses it, so options left at their defaults
+    take today's defaults; the cases come from the rows (:func:`_run_record`)."""
+    line = (run / "summary.md").read_text().splitlines()[:1]
+    command = line[0].removeprefix("Command: ").strip("`") if line else ""
+    if not command.startswith("ragseg evaluate "):
+        raise RagsegError(f"{run}: no cases.json, and summary.md does not begin with the ragseg evaluate command")
+    try:
+        cfg = config_of(command)
+    except (SystemExit, ValueError) as e:
+        raise RagsegError(f"{run}: cannot read the settings from its command {command!r}: {e}") from None
+    logger.warning("%s: no cases.json; its settings are read from its command, with today's defaults for the "
+                   "options it left out, and it brings no fine-tuning or baseline records", run)
+    return {"config": asdict(cfg), "cases": None, "timing": {}}
+
+
+def merge_runs(runs: Sequence[str | Path], out: str | Path, command: str = "", figures: bool = True,
+               config_of: Callable[[str], EvalConfig] | None = None) -> dict:
     """Report several ``ragseg evaluate`` runs of one data set as one: e.g. a second seed run in
     another session, or the baselines run apart from the few-shot methods. Their settings must agree
     except for :data:`MERGE_MAY_DIFFER`, and no (case, method, k) may be in two runs. Writes the
     same files as :func:`run_evaluation` into ``out`` (the learning curve over every pool size) and
-    returns the summary."""
+    returns the summary. ``config_of``: reads the settings of a run folder that kept only
+    ``results.csv`` and ``summary.md`` from its command (the CLI passes its own parser)."""
     if len(runs) < 2:
         raise RagsegError("merging needs at least two run folders")
-    records = [(Path(r), *_run_record(Path(r))) for r in runs]
+    records = [(Path(r), *_run_record(Path(r), config_of)) for r in runs]
     base = dict(records[0][2]["config"])
     for key, users in SETTING_METHODS.items():  # the value from the runs whose methods read it
         using = [info["config"] for _, _, info in records if set(info["config"]["methods"]) & set(users)]
