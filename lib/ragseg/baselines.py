@@ -17,7 +17,9 @@ from background and the classes of the pool, then a slice that holds it); augmen
 rotation, scaling and translation plus intensity scale, shift and gamma (no flips: left/right
 structures differ); Dice + cross-entropy; early stopping on a held-out part of the labeled pool
 (whole patients when the pool has at least two, else slices), keeping the best validation
-state; a wall-clock cap. Everything is timed and returned.
+state among those that find every class (a state predicting background everywhere is never kept);
+a wall-clock cap, overrun by at most ``defaults.BASELINE_OVERRUN_S`` while no state has found every
+class yet. Everything is timed and returned.
 """
 
 from __future__ import annotations
@@ -119,14 +121,14 @@ def _split(groups: Sequence[str], fraction: float, rng: np.random.Generator) -> 
     return idx[~is_val], idx[is_val]
 
 
-def _dice_per_class(pred: torch.Tensor, y: torch.Tensor, n_cls: int) -> float:
+def _dice_per_class(pred: torch.Tensor, y: torch.Tensor, n_cls: int) -> list[float]:
+    """Dice of each foreground class the ground truth holds (the slices taken as one volume)."""
     ds = []
     for c in range(1, n_cls):
         p, g = pred == c, y == c
-        s = int(p.sum() + g.sum())
         if int(g.sum()) > 0:
-            ds.append(2 * int((p & g).sum()) / s)
-    return float(np.mean(ds)) if ds else float("nan")
+            ds.append(2 * int((p & g).sum()) / int(p.sum() + g.sum()))
+    return ds
 
 
 def _forward(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
@@ -202,10 +204,11 @@ def train_baseline(pool: Sequence[tuple[np.ndarray, np.ndarray]], labels: Sequen
         opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     patch = min(cfg.patch or S, S)
     base_lr = opt.param_groups[0]["lr"]
-    best, best_state, best_iter, bad, it = -1.0, None, 0, 0, 0
-    stopped = "max_iters"
+    keep = _Keeper(cfg.patience)
+    stopped, skipped, capped, overran, it = "max_iters", 0, False, False, 0
     t0 = time.perf_counter()
     bar = tqdm(total=cfg.max_iters, desc=f"training {cfg.arch}", unit="it", disable=not progress)
+    vidx = va if len(va) else tr
     while it < cfg.max_iters:
         net.train()
         if cfg.arch == "dynunet":  # nnU-Net's poly schedule
@@ -226,45 +229,101 @@ def train_baseline(pool: Sequence[tuple[np.ndarray, np.ndarray]], labels: Sequen
         else:
             loss = loss_fn(out, yb)
         opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 12.0)
-        opt.step()
+        if torch.isfinite(loss):  # a non-finite loss would poison every weight through the step
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 12.0)
+            opt.step()
+        else:
+            skipped += 1
         it += 1
         bar.update(1)
-        if it % cfg.val_every == 0 or it == cfg.max_iters:
-            score = _validate(net, x, y, va if len(va) else tr, n_cls)
-            if score > best:
-                best, best_iter, bad = score, it, 0
-                best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-            else:
-                bad += 1
-            bar.set_postfix(val=f"{score:.3f}", best=f"{best:.3f}")
-            if bad >= cfg.patience:
+        validated = it % cfg.val_every == 0 or it == cfg.max_iters
+        if validated:
+            keep.offer(net, it, *_validate(net, x, y, vidx, n_cls))
+            bar.set_postfix(val=f"{keep.last:.3f}", best=f"{keep.best:.3f}")
+            if keep.bad >= cfg.patience:
                 stopped = "early_stopping"
                 break
-        if time.perf_counter() - t0 > cfg.time_limit_s:
-            stopped = "time_limit"
-            if best_state is None or it % cfg.val_every:
-                score = _validate(net, x, y, va if len(va) else tr, n_cls)
-                if score > best:
-                    best, best_iter = score, it
-                    best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-            break
+        elapsed = time.perf_counter() - t0
+        if elapsed > cfg.time_limit_s:
+            if not capped:
+                if not validated:  # the state the cap falls on may be the best one
+                    keep.offer(net, it, *_validate(net, x, y, vidx, n_cls))
+                overran = keep.state is None
+            capped = True
+            # past the cap, go on (validating at the usual pace) only while no state has found
+            # every class, and not for ever
+            if keep.state is not None or elapsed > cfg.time_limit_s + defaults.BASELINE_OVERRUN_S:
+                stopped = "time_limit"
+                break
     bar.close()
-    if best_state is not None:
-        net.load_state_dict(best_state)
+    state = keep.state if keep.state is not None else keep.fallback
+    if state is not None:
+        net.load_state_dict(state)
     net.eval()
-    info = {"arch": cfg.arch, "size": S, "train_s": round(time.perf_counter() - t0, 1), "iters": it, "best_val": best,
-            "best_iter": best_iter, "stopped": stopped, "train_slices": len(tr), "val_slices": len(va)}
+    train_s = time.perf_counter() - t0
+    info = {"arch": cfg.arch, "size": S, "train_s": round(train_s, 1), "iters": it,
+            "best_val": keep.best if keep.state is not None else keep.fallback_score,
+            "best_iter": keep.best_iter if keep.state is not None else keep.fallback_iter, "stopped": stopped,
+            "every_class_found": keep.state is not None, "over_cap_s": round(train_s - cfg.time_limit_s, 1) if overran else 0.0,
+            "skipped_steps": skipped, "train_slices": len(tr), "val_slices": len(va)}
+    if keep.state is None:
+        logger.warning("%s baseline: no validated state found every class of the pool in %d iterations (%.0f s); "
+                       "keeping the best-scoring one, which misses a class", cfg.arch, it, train_s)
     logger.info("%s baseline: %s", cfg.arch, info)
     return TrainedBaseline(net, labels, S, info)
 
 
 @torch.no_grad()
-def _validate(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, idx: np.ndarray, n_cls: int) -> float:
+def _validate(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, idx: np.ndarray,
+              n_cls: int) -> tuple[float, bool]:
+    """(mean Dice over the classes the slices hold, whether it finds each of them: Dice at least
+    ``defaults.BASELINE_MIN_CLASS_DICE``, above an untrained net's chance overlap)."""
     net.eval()
     preds = torch.cat([net(x[idx[s:s + 16]]).argmax(1, keepdim=True) for s in range(0, len(idx), 16)])
-    return _dice_per_class(preds, y[idx], n_cls)
+    ds = _dice_per_class(preds, y[idx], n_cls)
+    return (float(np.mean(ds)) if ds else float("nan")), bool(ds) and min(ds) >= defaults.BASELINE_MIN_CLASS_DICE
+
+
+class _Keeper:
+    """Which validated weights training keeps, and when patience runs out.
+
+    Only a state that finds every class the validation slices hold may be kept: a net early in
+    training predicts background everywhere (or one class only), and keeping such a state because
+    the cap or patience ended training before a better one gives a baseline that predicts nothing.
+    Patience counts only once such a state exists. The best-scoring state of all is remembered as
+    a last resort when none ever does.
+    """
+
+    def __init__(self, patience: int):
+        self.patience = patience  # validations without improvement before stopping
+        self.state: dict | None = None  # best state that found every class
+        self.best, self.best_iter, self.bad = -1.0, 0, 0
+        self.fallback: dict | None = None  # best-scoring state of any kind
+        self.fallback_score, self.fallback_iter = -1.0, 0
+        self.last = float("nan")
+
+    def offer(self, net: torch.nn.Module, it: int, score: float, every_class: bool) -> None:
+        self.last = score
+        if score != score:  # NaN: the validation slices hold no class; nothing to compare
+            return
+        if score > self.fallback_score:
+            self.fallback_score, self.fallback_iter = score, it
+            if self.state is None:
+                self.fallback = _copy_state(net)
+        if not every_class:
+            if self.state is not None:
+                self.bad += 1
+            return
+        if score > self.best:
+            self.best, self.best_iter, self.bad = score, it, 0
+            self.state = _copy_state(net)
+        else:
+            self.bad += 1
+
+
+def _copy_state(net: torch.nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
 @torch.no_grad()

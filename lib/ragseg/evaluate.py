@@ -770,7 +770,12 @@ def _timing_lines(rows: list[dict], case_info: dict, timing: dict | None) -> lis
             lines.append(f"- {name}: {len(uniq)} training(s) at {uniq[0].get('size', '?')} px, "
                          f"{np.mean([x['train_s'] for x in uniq]):.1f} s and "
                          f"{np.mean([x['iters'] for x in uniq]):.0f} iterations each (stopped by: {why}), "
-                         f"best validation Dice {np.mean([x['best_val'] for x in uniq]):.3f}")
+                         f"best validation Dice {np.mean([x['best_val'] for x in uniq]):.3f}"
+                         + "".join(f"; {n} {what}" for n, what in (
+                             (sum(x.get("over_cap_s", 0) > 0 for x in uniq),
+                              "trained past the cap until a state found every class"),
+                             (sum(x.get("every_class_found") is False for x in uniq), "kept a state that misses a class"),
+                             (sum(x.get("skipped_steps", 0) > 0 for x in uniq), "skipped non-finite losses")) if n))
     return lines
 
 
