@@ -61,6 +61,24 @@ def test_harness_outputs_and_dice_match_numpy(tmp_path):
     assert np.mean(gtbox) > 0.7, gtbox
 
 
+def test_a_baselines_only_run_encodes_nothing(tmp_path):
+    """The supervised baselines read pixels: `--methods unet` must not spend the encoder's minutes."""
+    root = tmp_path / "ds"
+    make_dataset(root, n_subjects=3, n_labeled=3, shape=(48, 48, 5), seed=4)
+    out, fc = tmp_path / "eval", tmp_path / "fc"
+    env = {**os.environ, "RAGSEG_CACHE_DIR": str(tmp_path / "cache")}
+    r = subprocess.run([sys.executable, "-m", "ragseg.cli", "evaluate", str(root), str(root / "labels" / "final"),
+                        "--classes", "liver=1,spleen=2", "--mode", "cross", "--n-support", "1,2", "--methods", "unet",
+                        "--baseline-iters", "2", "--baseline-size", "32", "--modality", "CT",
+                        "--feature-cache", str(fc), "--out", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "encoding slices" not in r.stderr
+    assert not fc.exists() or not any(p.is_file() for p in fc.rglob("*")), list(fc.rglob("*"))
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 2 * 2 and {r["method"] for r in rows} == {"unet"}  # 1 query x 2 pools x 2 classes
+    assert "- unet: 2 training(s)" in (out / "summary.md").read_text()
+
+
 def test_dice_and_hd95_helpers():
     from ragseg.evaluate import dice_score, hd95
 

@@ -316,6 +316,7 @@ class Harness:
         self.case_info: dict[str, dict] = {}
         self._pool: tuple[str, object, Path] | None = None  # (pool key, its SliceIndex, its folder)
         self._trained: dict[str, tuple[object, dict, float]] = {}  # method -> (model, info, seconds) for that pool
+        self._trained_pool = ""  # the pool key those models were trained on
 
     # supports ------------------------------------------------------------------------------------
     @staticmethod
@@ -369,7 +370,7 @@ class Harness:
         """
         if self._pool is not None and self._pool[0] == case.pool_key:
             return self._pool[1]
-        self._drop_pool()
+        self._drop_index()
         root = Path(tempfile.mkdtemp(prefix=f".pool-{case.pool_key}-", dir=self.cfg.out))
         by_subject: dict[str, tuple[Subject, list[int]]] = {}
         for subj, z in case.pool:
@@ -391,17 +392,23 @@ class Harness:
         self._pool = (case.pool_key, index, root)
         return index
 
-    def _drop_pool(self) -> None:
+    def _drop_index(self) -> None:
         if self._pool is not None:
             shutil.rmtree(self._pool[2], ignore_errors=True)
             self._pool = None
+
+    def _drop_pool(self) -> None:
+        """Forget the pool: its index (and folder) and the models trained on it."""
+        self._drop_index()
         self._trained.clear()
+        self._trained_pool = ""
 
     def trained(self, case: Case, method: str, train: Callable[[], tuple[object, dict]]) -> tuple[object, dict, bool]:
         """The model ``method`` trained on the case's pool: trained once per pool, then reused.
         Returns (model, info, whether it was trained now)."""
-        if self._pool is None or self._pool[0] != case.pool_key:
-            self.pool_index(case)
+        if self._trained_pool != case.pool_key:  # a new pool: earlier pools' models are done with
+            self._trained.clear()
+            self._trained_pool = case.pool_key
         if method in self._trained:
             m, info, _ = self._trained[method]
             return m, info, False
@@ -891,7 +898,9 @@ def run_evaluation(cfg: EvalConfig, command: str = "", progress: bool = True) ->
     cases = {"intra": _intra_cases, "loso": _loso_cases, "cross": _cross_cases}[cfg.mode](subjects, cfg)
     if not cases:
         raise RagsegError("no evaluation case: no subject carries any of the classes")
-    timing = h.encode(subjects, progress=progress)
+    # the supervised baselines read pixels only: a run of nothing else encodes nothing
+    encoded = [m for m in cfg.methods if m not in ("unet", "dynunet")]
+    timing = h.encode(subjects, progress=progress) if encoded else None
     rows = h.run(cases, progress=progress)
     m = h.models
     models = f"backend {m.backend} ({m.backend_reason}); retrieval {m.retrieval} ({m.retrieval_reason})"
