@@ -290,6 +290,19 @@ def test_merged_runs_report_as_one_and_refuse_what_does_not_belong_together(tmp_
     _run_folder(tmp_path / "again", 0, ["retrieved"], rng)
     with pytest.raises(RagsegError, match="in both"):
         merge_runs([tmp_path / "s0", tmp_path / "again"], tmp_path / "m4")
+    # ... unless the later run is meant to replace those rows (a method re-run after a fix)
+    assert main(["evaluate-merge", str(tmp_path / "s0"), str(tmp_path / "again"), "--replace",
+                 "--out", str(tmp_path / "m6")]) == 0
+    redone = list(csv.DictReader(open(tmp_path / "m6" / "results.csv")))
+    again = list(csv.DictReader(open(tmp_path / "again" / "results.csv")))
+
+    def dice(rows, method):
+        return sorted((r["case"], r["class"], round(float(r["dice"]), 9)) for r in rows if r["method"] == method)
+
+    assert len(redone) == len(a)  # finetuned from s0, retrieved from the re-run, nothing twice
+    assert dice(redone, "retrieved") == dice(again, "retrieved") != dice(a, "retrieved")
+    assert dice(redone, "finetuned") == dice(a, "finetuned")
+    assert "(12 of its rows replaced by a later run's)" in (tmp_path / "m6" / "summary.md").read_text()
     with pytest.raises(RagsegError, match="not an evaluation run"):
         merge_runs([tmp_path / "s0", tmp_path / "nowhere"], tmp_path / "m5")
     assert not (tmp_path / "m2").exists() and not (tmp_path / "m4").exists()  # nothing written on refusal

@@ -357,8 +357,9 @@ def cmd_evaluate_merge(a: argparse.Namespace) -> int:
     from .evaluate import merge_runs
 
     command = "ragseg evaluate-merge " + " ".join(shlex.quote(x) for x in [*a.runs, "--out", a.out]) \
-        + (" --no-figures" if a.no_figures else "")
-    summ = merge_runs(a.runs, a.out, command=command, figures=not a.no_figures, config_of=config_from_command)
+        + (" --replace" if a.replace else "") + (" --no-figures" if a.no_figures else "")
+    summ = merge_runs(a.runs, a.out, command=command, figures=not a.no_figures, config_of=config_from_command,
+                      replace=a.replace)
     print((Path(a.out) / "summary.md").read_text())
     print(f"wrote {a.out}/results.csv, summary.md, cases.json and figures")
     return 0 if summ else 1
@@ -536,6 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "results.csv and summary.md, as docs/results keeps them, is read with the settings of the "
                     "command on the summary's first line)")
     em.add_argument("--out", required=True, help="folder for the merged results.csv, summary.md and figures")
+    em.add_argument("--replace", action="store_true", help="a later RUN's rows replace an earlier one's for the same "
+                    "case, method and k (a method re-run after a fix) instead of being refused")
     em.add_argument("--no-figures", action="store_true")
     em.set_defaults(func=cmd_evaluate_merge)
 

@@ -975,13 +975,15 @@ def _record_without_cases(run: Path, config_of: Callable[[str], EvalConfig]) -> 
 
 
 def merge_runs(runs: Sequence[str | Path], out: str | Path, command: str = "", figures: bool = True,
-               config_of: Callable[[str], EvalConfig] | None = None) -> dict:
+               config_of: Callable[[str], EvalConfig] | None = None, replace: bool = False) -> dict:
     """Report several ``ragseg evaluate`` runs of one data set as one: e.g. a second seed run in
     another session, or the baselines run apart from the few-shot methods. Their settings must agree
-    except for :data:`MERGE_MAY_DIFFER`, and no (case, method, k) may be in two runs. Writes the
-    same files as :func:`run_evaluation` into ``out`` (the learning curve over every pool size) and
-    returns the summary. ``config_of``: reads the settings of a run folder that kept only
-    ``results.csv`` and ``summary.md`` from its command (the CLI passes its own parser)."""
+    except for :data:`MERGE_MAY_DIFFER`, and no (case, method, k) may be in two runs unless
+    ``replace``: then a later run's rows replace an earlier one's for the same (case, method, k),
+    as when one method is re-run after a fix. Writes the same files as :func:`run_evaluation` into
+    ``out`` (the learning curve over every pool size) and returns the summary. ``config_of``: reads
+    the settings of a run folder that kept only ``results.csv`` and ``summary.md`` from its command
+    (the CLI passes its own parser)."""
     if len(runs) < 2:
         raise RagsegError("merging needs at least two run folders")
     records = [(Path(r), *_run_record(Path(r), config_of)) for r in runs]
@@ -1001,11 +1003,17 @@ def merge_runs(runs: Sequence[str | Path], out: str | Path, command: str = "", f
     seen: dict[tuple, Path] = {}
     case_info: dict[str, dict] = {}
     timing = {"total_slices": 0, "encoded_slices": 0, "encode_s": 0.0}
-    for run, rs, info in records:
+    replaced: dict[Path, int] = {}
+    for i, (run, rs, info) in enumerate(records):
+        if replace:  # rows a later run has again are that run's to report
+            later = {(r["case"], r["method"], r["k"], r["class"]) for _, rs2, _ in records[i + 1:] for r in rs2}
+            kept = [r for r in rs if (r["case"], r["method"], r["k"], r["class"]) not in later]
+            replaced[run], rs = len(rs) - len(kept), kept
         for r in rs:
             key = (r["case"], r["method"], r["k"], r["class"])
             if key in seen and seen[key] != run:
-                raise RagsegError(f"case {r['case']}, {r['method']} k={r['k']} is in both {seen[key]} and {run}")
+                raise RagsegError(f"case {r['case']}, {r['method']} k={r['k']} is in both {seen[key]} and {run}"
+                                  " (--replace lets the later run's rows stand)")
             seen[key] = run
         rows += rs
         for name, ci in info["cases"].items():
@@ -1023,4 +1031,5 @@ def merge_runs(runs: Sequence[str | Path], out: str | Path, command: str = "", f
     elapsed = sum(float(info.get("elapsed_s", float("nan"))) for _, _, info in records)
     models = records[0][2].get("models", "")
     return write_reports(rows, cfg, case_info, command, elapsed, models, timing,
-                         sources=[info["command"] for _, _, info in records])
+                         sources=[info["command"] + (f" ({replaced[run]} of its rows replaced by a later run's)"
+                                                     if replaced.get(run) else "") for run, _, info in records])
