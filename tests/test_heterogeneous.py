@@ -105,8 +105,11 @@ def test_acdc_index_four_patients_infer_a_fifth_through_the_server(tmp_path):
                  env={"RAGSEG_WEIGHTS_DIR": str(tmp_path / "no-weights"), "RAGSEG_CACHE_DIR": str(tmp_path / "cache")})
     srv.start()
     try:
+        # the 4th image is in the index a moment before its job is marked done: wait for both
         st = srv.wait_for(lambda i: i["ragseg"]["usable"] and i["ragseg"].get("index", {}).get("images") == 4
-                          and not i["ragseg"]["reindex"]["pending"], timeout=600)["ragseg"]
+                          and not i["ragseg"]["reindex"]["pending"]
+                          and not any(j["state"] == "running" for j in i["ragseg"]["reindex"]["recent_jobs"]),
+                          timeout=600)["ragseg"]
         assert st["reindex"]["last_error"] is None and all(j["state"] == "done" for j in st["reindex"]["recent_jobs"])
         status, body, _ = srv.request("POST", f"/infer/ragseg?image={QUERY}&output=all",
                                       fields={"params": json.dumps({"k": 3})}, timeout=900)
