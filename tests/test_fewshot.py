@@ -614,3 +614,78 @@ def test_area_cap_option_parsing():
         AppConfig.from_conf({"area_cap": "-1"})
     with pytest.raises(ConfigError, match="area_cap"):
         AppConfig.from_conf({"area_cap": "big"})
+
+
+def test_image_branch_starts_as_the_plain_decoder_trains_and_reads_the_served_query(tmp_path, monkeypatch):
+    """The image branch adds nothing until trained, is trained by fine-tuning, is saved and loaded
+    with its decoder (decoders saved before it load without one), and the engine gives it the
+    query slice being segmented."""
+    from ragseg.engine import Support
+    from ragseg.errors import RagsegError
+    from ragseg.fewshot import (
+        IMAGE_KEY,
+        ImageBranch,
+        LiteMedSamAdapter,
+        PrototypeDecoder,
+        build_training_set,
+        decoder_image,
+        finetune,
+    )
+    from ragseg.litemedsam import LiteMedSAM, LiteMedSamEngine
+
+    lite = LiteMedSAM.random(seed=0)
+    ad = LiteMedSamAdapter(lite)
+    x, y = _slices([1], shape=(64, 64, 6))
+    ts = build_training_set(ad, x, y, [1, 2, 3])
+    assert ts.feats[IMAGE_KEY].shape == (len(x), 1, 256, 256)
+    assert torch.equal(ts.feats[IMAGE_KEY], decoder_image(x, 64))
+
+    torch.manual_seed(0)
+    plain = PrototypeDecoder(ad)
+    dec = PrototypeDecoder(ad, image_branch=True)
+    assert isinstance(dec.image_branch, ImageBranch) and plain.image_branch is None
+    missing = dec.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing and all(k.startswith("image_branch.") for k in missing)
+    feats = {k: v[:2] for k, v in ts.feats.items()}
+    fg, bg = torch.randn(2, 256), torch.randn(2, 256)
+    box = torch.tensor([[40.0, 40, 200, 200]] * 2)
+    with torch.no_grad():
+        assert torch.equal(dec(feats, fg, bg, box), plain(feats, fg, bg, box))  # untrained: no change
+        with pytest.raises(RagsegError, match="image branch"):
+            dec({"embed": feats["embed"]}, fg, bg, box)
+
+    finetune(dec, ts, epochs=2, max_episodes=8, seed=0, precision="float32")
+    assert dec.image_branch.net[-1].weight.abs().sum() > 0  # fine-tuning reached the branch
+    with torch.no_grad():  # and the decoder now reads the slice: another image, other logits
+        other = {**feats, IMAGE_KEY: feats[IMAGE_KEY].flip(-1)}
+        assert not torch.allclose(dec(feats, fg, bg, box), dec(other, fg, bg, box))
+
+    dec.save(tmp_path / "d", {"labels": [1, 2, 3]})
+    man = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    assert man["image_branch"] is True
+    dec2, _ = PrototypeDecoder.load(tmp_path / "d", ad)
+    with torch.no_grad():
+        assert torch.equal(dec(feats, fg, bg, box), dec2(feats, fg, bg, box))
+    plain.save(tmp_path / "p", {"labels": [1, 2, 3]})
+    man = json.loads((tmp_path / "p" / "manifest.json").read_text())
+    man.pop("image_branch")  # as written before the branch existed
+    (tmp_path / "p" / "manifest.json").write_text(json.dumps(man))
+    assert PrototypeDecoder.load(tmp_path / "p", ad)[0].image_branch is None
+
+    seen: list[torch.Tensor] = []
+    forward = dec2.image_branch.forward
+    monkeypatch.setattr(dec2.image_branch, "forward", lambda im: seen.append(im) or forward(im))
+    q = x[:2]
+    sups = [[[Support("s", lambda: (x[3], y[3] == 1))]] * 2]
+    LiteMedSamEngine(lite, decoder=dec2, location_prior=None).segment_queries(q, sups)
+    assert len(seen) == 2  # one decode batch per query slice
+    for i, im in enumerate(seen):
+        assert torch.equal(im[0], decoder_image(q[i:i + 1], 64)[0])  # the query's own slice
+
+
+def test_train_task_reads_boolean_params():
+    from ragseg.label_app.train import _flag
+
+    assert _flag(True) is True and _flag("false") is False and _flag("1") is True and _flag(0) is False
+    with pytest.raises(ValueError, match="true or false"):
+        _flag("maybe")

@@ -21,6 +21,8 @@ from .errors import RagsegError
 
 _PRECISION_HELP = ("fine-tuning arithmetic: bf16 autocast (weights and loss stay float32), float32, or auto: "
                    "bf16 where the CPU (AVX512-BF16 / AMX) or GPU multiplies it natively (default: %(default)s)")
+_IMAGE_BRANCH_HELP = ("fine-tuning: give the decoder the slice itself through a small trained convolutional branch "
+                      "into its dense prompt, beside the frozen embedding (default: %(default)s)")
 
 logger = logging.getLogger("ragseg")
 
@@ -316,6 +318,7 @@ def _eval_config(a: argparse.Namespace):
                      area_cap=a.area_cap, region_score=a.region_score,
                      finetune_epochs=a.finetune_epochs, finetune_retrieved=a.retrieved_episodes,
                      finetune_augment=a.augment_copies, finetune_precision=a.precision,
+                     finetune_image_branch=a.image_branch,
                      baseline_iters=a.baseline_iters,
                      baseline_time_s=a.baseline_time, baseline_size=a.baseline_size, keep_largest=not a.no_keep_largest,
                      save_predictions=a.save_predictions, figures=not a.no_figures, image_suffix=a.image_suffix,
@@ -385,7 +388,7 @@ def cmd_finetune(a: argparse.Namespace) -> int:
     res = train_decoder(items, adapter, _preprocess(a), a.out, labels=_ints("--classes", a.classes) or None,
                         epochs=a.epochs, lr=a.lr, k=a.k, use_box=not a.no_box, seed=a.seed, progress=True,
                         location_prior=cfg.location_prior, area_cap=cfg.area_cap, retrieved=a.retrieved_episodes,
-                        augment=a.augment_copies, precision=a.precision)
+                        augment=a.augment_copies, precision=a.precision, image_branch=a.image_branch)
     per_epoch = np.mean([h["seconds"] for h in res.history])
     print(json.dumps({"output": a.out, "epochs": len(res.history), "best_epoch": res.best_epoch,
                       "best_metric": round(res.best_metric, 4), "averaged_epochs": res.averaged, "first_loss": round(res.history[0]["loss"], 4),
@@ -513,6 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "default: %(default)s)")
     ev.add_argument("--precision", choices=defaults.FINETUNE_PRECISIONS, default=defaults.FINETUNE_PRECISION,
                     help=_PRECISION_HELP)
+    ev.add_argument("--image-branch", action=argparse.BooleanOptionalAction, default=defaults.FINETUNE_IMAGE_BRANCH,
+                    help=_IMAGE_BRANCH_HELP)
     ev.add_argument("--baseline-iters", type=int, default=defaults.BASELINE_MAX_ITERS,
                     help="unet/dynunet: iteration cap (early stopping usually ends sooner; default: %(default)s)")
     ev.add_argument("--baseline-time", type=float, default=defaults.BASELINE_TIME_LIMIT_S, metavar="SECONDS",
@@ -563,6 +568,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "scale, shift, intensity; tissue-to-the-edge crops get none; 0: none; default: %(default)s)")
     ft.add_argument("--precision", choices=defaults.FINETUNE_PRECISIONS, default=defaults.FINETUNE_PRECISION,
                     help=_PRECISION_HELP)
+    ft.add_argument("--image-branch", action=argparse.BooleanOptionalAction, default=defaults.FINETUNE_IMAGE_BRANCH,
+                    help=_IMAGE_BRANCH_HELP)
     _model_args(ft)
     ft.set_defaults(func=cmd_finetune)
 

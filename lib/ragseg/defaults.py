@@ -177,6 +177,15 @@ FINETUNE_RETRIEVED_POOL = 2  # a retrieved-like draw takes k of the k x this mos
 FINETUNE_AUGMENT = 1
 FINETUNE_MAX_AUGMENT = 8  # what the train task accepts (each copy is one more encode per labeled slice)
 
+# image branch of the fine-tuned decoder (ragseg.fewshot.ImageBranch): the query slice itself, at
+# 4x the embedding grid, through a small convolutional net into the decoder's dense prompt (last
+# layer zero-initialised: untrained, it adds nothing). The frozen embedding of a small crop blown up
+# to the model's input loses the intensity edges the decoder needs; with the branch the decoder fits
+# its own hippocampus pool better (training Dice 0.786 -> 0.816) and the queries follow: 0.755 ->
+# 0.794 over two pools of 4 subjects (docs/results.md, "An image branch for the fine-tuned decoder")
+FINETUNE_IMAGE_BRANCH = False
+IMAGE_BRANCH_WIDTH = 32  # channels of its full-resolution layer (twice as many after the 4x stride)
+
 # --- Ray scale-out (ragseg.scale) ------------------------------------------------------------------
 RAY_MAX_RETRIES = 3  # resubmissions of a volume whose worker process died
 RAY_MAX_THREADS = 4  # default torch threads per CPU actor (more actors beat more threads per actor)

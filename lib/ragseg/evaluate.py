@@ -111,6 +111,7 @@ class EvalConfig:
     finetune_retrieved: float = defaults.FINETUNE_RETRIEVED  # share of retrieved-like training episodes
     finetune_augment: int = defaults.FINETUNE_AUGMENT  # augmented copies of each pool slice for fine-tuning
     finetune_precision: str = defaults.FINETUNE_PRECISION  # auto / bf16 / float32 (ragseg.precision)
+    finetune_image_branch: bool = defaults.FINETUNE_IMAGE_BRANCH  # the decoder also reads the slice (fewshot.ImageBranch)
     keep_largest: bool = defaults.KEEP_LARGEST_COMPONENT  # one-structure labels: largest 3D component only
     baseline_iters: int = defaults.BASELINE_MAX_ITERS  # unet / dynunet: iteration cap
     baseline_time_s: float = defaults.BASELINE_TIME_LIMIT_S  # unet / dynunet: wall-clock cap per training
@@ -501,6 +502,7 @@ class Harness:
         return eng, {"best_metric": tr.best_metric, "epochs": len(tr.history),
                      "train_s": round(time.perf_counter() - t, 1), "encode_s": tr.encode_s,
                      "exclusive": eng.decoder.exclusive, "augmented_copies": self.cfg.finetune_augment,
+                     "image_branch": eng.decoder.image_branch is not None,
                      "precision": tr.precision}
 
     def train_finetuned(self, case: Case):
@@ -515,7 +517,8 @@ class Harness:
         sl, lb, groups = with_augmented_copies(sl, lb, [s.group or s.id for s, _ in case.pool],
                                                self.cfg.finetune_augment, case.seed)
         ts = build_training_set(adapter, sl, lb, self.labels, groups=groups)
-        dec = PrototypeDecoder(adapter, location_prior=self.cfg.location_prior, area_cap=self.cfg.area_cap)
+        dec = PrototypeDecoder(adapter, location_prior=self.cfg.location_prior, area_cap=self.cfg.area_cap,
+                               image_branch=self.cfg.finetune_image_branch)
         res = finetune(dec, ts, epochs=self.cfg.finetune_epochs, seed=case.seed, retrieved=self.cfg.finetune_retrieved,
                        precision=self.cfg.finetune_precision)
         logger.info("%s: fine-tuned decoder, best train Dice %.3f at epoch %d (%.1f s/epoch)", case.name,
@@ -765,7 +768,8 @@ def _timing_lines(rows: list[dict], case_info: dict, timing: dict | None) -> lis
     if ft:
         lines.append(f"- fine-tuning: {len(ft)} training(s), {np.mean([f['train_s'] for f in ft]):.1f} s each "
                      f"({ft[0]['epochs']} epochs, {ft[0].get('augmented_copies', 0)} augmented copies of each "
-                     f"labeled slice framed by background, {' / '.join(sorted({f.get('precision', 'float32') for f in ft}))} arithmetic, embeddings cached), best training Dice "
+                     f"labeled slice framed by background, {' / '.join(sorted({f.get('precision', 'float32') for f in ft}))} arithmetic, "
+                     f"{'an image branch, ' if any(f.get('image_branch') for f in ft) else ''}embeddings cached), best training Dice "
                      f"{np.mean([f['best_metric'] for f in ft]):.3f}; exclusive regions (label pairs lying "
                      f"apart) in {sum(bool(f.get('exclusive')) for f in ft)} of {len(ft)} pool(s): "
                      f"{', '.join(sorted({json.dumps(f.get('exclusive')) for f in ft}))}")
@@ -915,7 +919,8 @@ MERGE_MAY_DIFFER = ("seeds", "n_support", "ks", "methods", "out", "feature_cache
 _BASELINE = ("unet", "dynunet")
 SETTING_METHODS = {"baseline_iters": _BASELINE, "baseline_time_s": _BASELINE, "baseline_size": _BASELINE,
                    "finetune_epochs": ("finetuned",), "finetune_retrieved": ("finetuned",),
-                   "finetune_augment": ("finetuned",), "finetune_precision": ("finetuned",)}
+                   "finetune_augment": ("finetuned",), "finetune_precision": ("finetuned",),
+                   "finetune_image_branch": ("finetuned",)}
 
 
 def _run_record(run: Path, config_of: Callable[[str], EvalConfig] | None = None) -> tuple[list[dict], dict]:

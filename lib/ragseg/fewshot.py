@@ -49,6 +49,7 @@ from .prototypes import (
     region_box,
     region_cell_cap,
 )
+from .volume import resize_slices
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +75,10 @@ class DecoderAdapter(Protocol):
 
     def encode(self, slices01: np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]: ...
 
-    def decode(self, decoder: nn.Module, feats: dict[str, torch.Tensor], sparse: torch.Tensor) -> torch.Tensor:
-        """Mask logits [n, 1, S, S] from ``decoder`` (the original or a fine-tuned copy)."""
+    def decode(self, decoder: nn.Module, feats: dict[str, torch.Tensor], sparse: torch.Tensor,
+               dense: torch.Tensor | None = None) -> torch.Tensor:
+        """Mask logits [n, 1, S, S] from ``decoder`` (the original or a fine-tuned copy); ``dense``
+        [n, C, g, g] is added to the "no mask" dense prompt."""
         ...
 
 
@@ -85,6 +88,11 @@ def _dense(prompt_encoder: nn.Module, n: int, grid: int) -> torch.Tensor:
     Detached: the prompt encoder is the frozen backbone's, shared with the served model; without
     it every fine-tuning step summed a [n, C, g, g] gradient into that model's ``.grad``."""
     return prompt_encoder.no_mask_embed.weight.detach().reshape(1, -1, 1, 1).expand(n, -1, grid, grid)
+
+
+def _dense_plus(prompt_encoder: nn.Module, n: int, grid: int, extra: torch.Tensor | None) -> torch.Tensor:
+    d = _dense(prompt_encoder, n, grid)
+    return d if extra is None else d + extra
 
 
 class LiteMedSamAdapter:
@@ -100,10 +108,11 @@ class LiteMedSamAdapter:
     def encode(self, slices01):
         return {"embed": self.lite.embeddings(slices01)}
 
-    def decode(self, decoder, feats, sparse):
+    def decode(self, decoder, feats, sparse, dense=None):
         n = sparse.shape[0]
         logits, _ = decoder(image_embeddings=feats["embed"], image_pe=self.prompt_encoder.get_dense_pe(),
-                            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=_dense(self.prompt_encoder, n, self.grid),
+                            sparse_prompt_embeddings=sparse,
+                            dense_prompt_embeddings=_dense_plus(self.prompt_encoder, n, self.grid, dense),
                             multimask_output=False)
         return logits
 
@@ -134,15 +143,53 @@ class Sam2Adapter:
             out[f"high_res_{i}"] = hr
         return out
 
-    def decode(self, decoder, feats, sparse):
+    def decode(self, decoder, feats, sparse, dense=None):
         n = sparse.shape[0]
         hr = [feats[k] for k in sorted(k for k in feats if k.startswith("high_res_"))]
         logits, *_ = decoder(image_embeddings=feats["embed"], image_pe=self.prompt_encoder.get_dense_pe(),
                              sparse_prompt_embeddings=sparse,
-                             dense_prompt_embeddings=_dense(self.prompt_encoder, n, self.grid),
+                             dense_prompt_embeddings=_dense_plus(self.prompt_encoder, n, self.grid, dense),
                              multimask_output=False, repeat_image=False,
                              high_res_features=hr if self.model.use_high_res_features_in_sam else None)
         return logits
+
+
+# --- the image branch ------------------------------------------------------------------------------
+IMAGE_KEY = "image"  # feature key of the [n, 1, 4g, 4g] slice the image branch reads
+
+
+def decoder_image(slices01: np.ndarray | torch.Tensor, grid: int) -> torch.Tensor:
+    """[n, H, W] slices in [0, 1] -> [n, 1, 4g, 4g] float16: what :class:`ImageBranch` reads
+    (stored beside the cached embeddings; a quarter of a 64x64x256 embedding's size)."""
+    return resize_slices(slices01, 4 * grid).to(torch.float16)
+
+
+class ImageBranch(nn.Module):
+    """The query slice at 4x the embedding grid -> a dense prompt term [n, C, g, g].
+
+    The frozen encoder's embedding of a small crop blown up to the model's input is smooth where
+    the crop's intensity edges are; this gives the decoder the slice itself. The last layer starts
+    at zero, so an untrained branch leaves the decoder as it was.
+
+    Args:
+        embed_dim: C, the decoder's token / dense-prompt width.
+        width: channels of the full-resolution layer (twice as many after the 4x stride).
+    """
+
+    def __init__(self, embed_dim: int, *, width: int = defaults.IMAGE_BRANCH_WIDTH):
+        super().__init__()
+        last = nn.Conv2d(2 * width, embed_dim, 1)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        self.net = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1), nn.GELU(),  # edges at full resolution
+            nn.Conv2d(width, 2 * width, 4, stride=4), nn.GELU(),  # down to the embedding grid
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.GELU(),
+            last)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        p = next(self.parameters())
+        return self.net(image.to(p.device, p.dtype) * 2 - 1)  # [0, 1] -> [-1, 1]
 
 
 # --- the prototype-prompted decoder ------------------------------------------------------------------
@@ -162,12 +209,15 @@ class PrototypeDecoder(nn.Module):
         area_cap: a box's region keeps at most this multiple of the supports' structure area
             (:func:`ragseg.prototypes.region_cell_cap`); None: off. The engine serves the decoder
             with the cap it was trained with.
+        image_branch: also read the query slice itself (:class:`ImageBranch`); its features then
+            need ``IMAGE_KEY`` (:func:`decoder_image`), which training sets and the engine give.
     """
 
     def __init__(self, adapter: DecoderAdapter, *, use_box: bool = True,
                  location_prior: int | None = defaults.LOCATION_PRIOR,
                  exclusive: bool | list[tuple[int, int]] | None = None,
-                 area_cap: float | None = defaults.REGION_AREA_CAP):
+                 area_cap: float | None = defaults.REGION_AREA_CAP,
+                 image_branch: bool = defaults.FINETUNE_IMAGE_BRANCH):
         super().__init__()
         object.__setattr__(self, "adapter", adapter)  # not a submodule: its weights are not ours
         self.use_box = use_box
@@ -181,6 +231,7 @@ class PrototypeDecoder(nn.Module):
             self.proj.weight.copy_(torch.eye(c))
             self.proj.bias.zero_()
         self.token_type = nn.Parameter(torch.zeros(2, c))  # learned fg / bg token offsets
+        self.image_branch = ImageBranch(c) if image_branch else None
 
     def tokens(self, fg: torch.Tensor, bg: torch.Tensor, boxes: torch.Tensor | None) -> torch.Tensor:
         """Sparse prompt tokens [n, 2 (+2), C] from prototypes [n, C] (and boxes [n, 4])."""
@@ -196,7 +247,12 @@ class PrototypeDecoder(nn.Module):
     def forward(self, feats: dict[str, torch.Tensor], fg: torch.Tensor, bg: torch.Tensor,
                 boxes: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [n, 1, S, S] for n (query, label) items; ``feats`` rows match the items."""
-        return self.adapter.decode(self.decoder, feats, self.tokens(fg, bg, boxes))
+        dense = None
+        if self.image_branch is not None:
+            if IMAGE_KEY not in feats:
+                raise RagsegError(f"this decoder has an image branch: its features need {IMAGE_KEY!r}")
+            dense = self.image_branch(feats[IMAGE_KEY])
+        return self.adapter.decode(self.decoder, feats, self.tokens(fg, bg, boxes), dense)
 
     @torch.no_grad()
     def prompt(self, query_emb: torch.Tensor, support_embs: torch.Tensor | None, support_grid_masks: torch.Tensor,
@@ -237,6 +293,7 @@ class PrototypeDecoder(nn.Module):
         d.mkdir(parents=True, exist_ok=True)
         man = {"format": FORMAT_VERSION, "backbone": self.adapter.backbone_id, "use_box": self.use_box,
                "location_prior": self.location_prior, "exclusive": self.exclusive, "area_cap": self.area_cap,
+               "image_branch": self.image_branch is not None,
                **manifest}
         _atomic_write(d / WEIGHTS, lambda f: torch.save(self.state_dict(), f))
         _atomic_write(d / MANIFEST, lambda f: f.write(json.dumps(man, indent=2, default=str).encode()))
@@ -259,9 +316,9 @@ class PrototypeDecoder(nn.Module):
                               f"not {adapter.backbone_id!r}")
         ex = man.get("exclusive", False)
         ex = [tuple(int(v) for v in p) for p in ex] if isinstance(ex, list) else bool(ex)
-        # decoders saved before the size cap existed were trained without one
+        # decoders saved before the size cap (or the image branch) existed were trained without one
         dec = cls(adapter, use_box=bool(man["use_box"]), location_prior=man.get("location_prior"), exclusive=ex,
-                  area_cap=man.get("area_cap"))
+                  area_cap=man.get("area_cap"), image_branch=bool(man.get("image_branch", False)))
         try:
             state = torch.load(d / WEIGHTS, map_location="cpu", weights_only=True)
             dec.load_state_dict(state, strict=True)
@@ -378,6 +435,7 @@ def _training_set(adapter: DecoderAdapter, slices01: np.ndarray, label_slices: n
     t = time.perf_counter()
     feats = {k: v.detach().float().cpu() for k, v in adapter.encode(slices01).items()}
     enc = time.perf_counter() - t
+    feats[IMAGE_KEY] = decoder_image(slices01, adapter.grid)  # for decoders with an image branch
     g = adapter.grid
     s = out_size or 4 * g
     lab = torch.as_tensor(np.asarray(label_slices).astype(np.int64))

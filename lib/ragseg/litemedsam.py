@@ -307,7 +307,7 @@ class LiteMedSamEngine:
         from tqdm import tqdm
 
         from .cellscore import cell_intensity
-        from .fewshot import competing_pairs
+        from .fewshot import IMAGE_KEY, competing_pairs, decoder_image
         from .prototypes import (
             coarse_regions,
             exclusive_cells,
@@ -375,6 +375,8 @@ class LiteMedSamEngine:
                 for r in regions:
                     items.append((li, fg, bg, region_box(r, IMAGE_SIZE)))
             low = torch.full((L, 1, IMAGE_SIZE, IMAGE_SIZE), -1024.0)
+            img = (decoder_image(queries[qi:qi + 1], EMBED_SIZE)
+                   if items and getattr(decoder, "image_branch", None) is not None else None)
             for s in range(0, len(items), self.decode_batch):
                 part = items[s:s + self.decode_batch]
                 emb = q[None].expand(len(part), -1, -1, -1)
@@ -382,7 +384,10 @@ class LiteMedSamEngine:
                 if decoder is None:
                     lg = self.decode_boxes(emb, boxes)
                 else:
-                    lg = decoder({"embed": emb}, torch.stack([it[1] for it in part]),
+                    feats = {"embed": emb}
+                    if img is not None:  # a decoder with an image branch also reads the slice itself
+                        feats[IMAGE_KEY] = img.expand(len(part), -1, -1, -1)
+                    lg = decoder(feats, torch.stack([it[1] for it in part]),
                                  torch.stack([it[2] for it in part]), boxes)
                 for j, it in enumerate(part):  # several regions of one label: union of their masks
                     low[it[0]] = torch.maximum(low[it[0]], lg[j].float().cpu())

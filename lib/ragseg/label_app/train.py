@@ -11,7 +11,8 @@ server's infer task picks the new decoder up on its next request.
 Request params (JSON body of ``POST /train/<name>``): ``epochs``, ``lr``, ``k``, ``use_box``,
 ``max_episodes``, ``seed``, ``retrieved_episodes`` (share of episodes with retrieval-like supports,
 0..1), ``augment_copies`` (augmented copies of each labeled slice framed by background, 0..8), ``precision`` (auto, bf16 or
-float32: the arithmetic of the decoder's forward passes), ``labels`` (names or values; default all
+float32: the arithmetic of the decoder's forward passes), ``image_branch`` (true / false: the decoder
+also reads the slice itself, ``ragseg.fewshot.ImageBranch``), ``labels`` (names or values; default all
 labeled).
 """
 
@@ -44,6 +45,18 @@ def _write_json(path: Path, data: dict) -> None:
         json.dump(data, f, default=str)
 
 
+def _flag(v: Any) -> bool:
+    """A JSON boolean, or its spelling as a string ("true" / "false", "1" / "0")."""
+    if isinstance(v, bool):
+        return v
+    t = str(v).strip().lower()
+    if t in ("true", "1", "yes"):
+        return True
+    if t in ("false", "0", "no"):
+        return False
+    raise ValueError(f"expected true or false, got {v!r}")
+
+
 class DecoderTrainTask(TrainTask):
     """Few-shot decoder fine-tuning (LiteMedSAM backbone) as a MONAI Label train task."""
 
@@ -59,7 +72,7 @@ class DecoderTrainTask(TrainTask):
         return {"epochs": defaults.FINETUNE_EPOCHS, "lr": defaults.FINETUNE_LR, "k": defaults.DEFAULT_K,
                 "use_box": True, "max_episodes": defaults.FINETUNE_MAX_EPISODES, "seed": 0,
                 "retrieved_episodes": defaults.FINETUNE_RETRIEVED, "augment_copies": defaults.FINETUNE_AUGMENT,
-                "precision": defaults.FINETUNE_PRECISION}
+                "precision": defaults.FINETUNE_PRECISION, "image_branch": defaults.FINETUNE_IMAGE_BRANCH}
 
     def stats(self) -> dict[str, Any]:
         try:
@@ -97,6 +110,7 @@ class DecoderTrainTask(TrainTask):
             retrieved = float(cfg["retrieved_episodes"])
             augment = int(cfg["augment_copies"])
             precision = str(cfg["precision"])
+            image_branch = _flag(cfg["image_branch"])
         except (TypeError, ValueError) as e:
             raise HTTPException(422, f"bad train parameter: {e}") from None
         if not (1 <= epochs <= 1000 and 1 <= k <= defaults.MAX_K and max_ep >= 1 and 0 < lr < 1
@@ -132,7 +146,8 @@ class DecoderTrainTask(TrainTask):
                                 names={v: n for n, v in self.label_names().items()}, epochs=epochs, lr=lr, k=k,
                                 use_box=use_box, seed=seed, max_episodes=max_ep, on_epoch=on_epoch,
                                 location_prior=self.c.cfg.location_prior, area_cap=self.c.cfg.area_cap,
-                                retrieved=retrieved, augment=augment, precision=precision)
+                                retrieved=retrieved, augment=augment, precision=precision,
+                                image_branch=image_branch)
             # swap the folder in: the infer side watches manifest.json, written last inside tmp
             old = self.out_dir.with_name(f".{self.name}.old")
             shutil.rmtree(old, ignore_errors=True)
