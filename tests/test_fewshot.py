@@ -683,9 +683,23 @@ def test_image_branch_starts_as_the_plain_decoder_trains_and_reads_the_served_qu
         assert torch.equal(im[0], decoder_image(q[i:i + 1], 64)[0])  # the query's own slice
 
 
-def test_train_task_reads_boolean_params():
-    from ragseg.label_app.train import _flag
+def test_image_branch_is_chosen_for_pools_of_small_slices():
+    """auto: a branch for pools whose median slice is at most 64 px on its long side (hippocampus
+    crops, ~35 x 51 px), none for slices near the model's size (ACDC, 154-256 px); the bound
+    scales with the model's input; the train task and the CLI spell the choice their ways."""
+    from ragseg.errors import RagsegError
+    from ragseg.fewshot import resolve_image_branch
+    from ragseg.label_app.train import _branch
 
-    assert _flag(True) is True and _flag("false") is False and _flag("1") is True and _flag(0) is False
-    with pytest.raises(ValueError, match="true or false"):
-        _flag("maybe")
+    hippo = [np.zeros((35, 51))] * 5 + [np.zeros((40, 70))] * 2
+    acdc = [np.zeros((216, 256))] * 3 + [np.zeros((48, 48))]
+    assert resolve_image_branch("auto", hippo, 256) is True
+    assert resolve_image_branch("auto", acdc, 256) is False
+    assert resolve_image_branch("auto", acdc, 1024) is True  # SAM 2's 1024 px input: 256 px is a 4x blow-up
+    assert resolve_image_branch("auto", [], 256) is False
+    assert resolve_image_branch("on", acdc, 256) is True and resolve_image_branch(False, hippo, 256) is False
+    with pytest.raises(RagsegError, match="auto, on or off"):
+        resolve_image_branch("sometimes", hippo, 256)
+    assert _branch(True) is True and _branch("false") is False and _branch("auto") == "auto"
+    with pytest.raises(ValueError, match="auto, true or false"):
+        _branch("maybe")

@@ -22,7 +22,8 @@ from .errors import RagsegError
 _PRECISION_HELP = ("fine-tuning arithmetic: bf16 autocast (weights and loss stay float32), float32, or auto: "
                    "bf16 where the CPU (AVX512-BF16 / AMX) or GPU multiplies it natively (default: %(default)s)")
 _IMAGE_BRANCH_HELP = ("fine-tuning: give the decoder the slice itself through a small trained convolutional branch "
-                      "into its dense prompt, beside the frozen embedding (default: %(default)s)")
+                      "into its dense prompt, beside the frozen embedding; auto: for pools of small slices (median "
+                      f"long side <= {defaults.IMAGE_BRANCH_MAX_SIDE} px) (default: %(default)s)")
 
 logger = logging.getLogger("ragseg")
 
@@ -516,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "default: %(default)s)")
     ev.add_argument("--precision", choices=defaults.FINETUNE_PRECISIONS, default=defaults.FINETUNE_PRECISION,
                     help=_PRECISION_HELP)
-    ev.add_argument("--image-branch", action=argparse.BooleanOptionalAction, default=defaults.FINETUNE_IMAGE_BRANCH,
+    ev.add_argument("--image-branch", choices=defaults.FINETUNE_IMAGE_BRANCHES, default=defaults.FINETUNE_IMAGE_BRANCH,
                     help=_IMAGE_BRANCH_HELP)
     ev.add_argument("--baseline-iters", type=int, default=defaults.BASELINE_MAX_ITERS,
                     help="unet/dynunet: iteration cap (early stopping usually ends sooner; default: %(default)s)")
@@ -568,7 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "scale, shift, intensity; tissue-to-the-edge crops get none; 0: none; default: %(default)s)")
     ft.add_argument("--precision", choices=defaults.FINETUNE_PRECISIONS, default=defaults.FINETUNE_PRECISION,
                     help=_PRECISION_HELP)
-    ft.add_argument("--image-branch", action=argparse.BooleanOptionalAction, default=defaults.FINETUNE_IMAGE_BRANCH,
+    ft.add_argument("--image-branch", choices=defaults.FINETUNE_IMAGE_BRANCHES, default=defaults.FINETUNE_IMAGE_BRANCH,
                     help=_IMAGE_BRANCH_HELP)
     _model_args(ft)
     ft.set_defaults(func=cmd_finetune)

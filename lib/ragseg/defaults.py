@@ -182,8 +182,14 @@ FINETUNE_MAX_AUGMENT = 8  # what the train task accepts (each copy is one more e
 # layer zero-initialised: untrained, it adds nothing). The frozen embedding of a small crop blown up
 # to the model's input loses the intensity edges the decoder needs; with the branch the decoder fits
 # its own hippocampus pool better (training Dice 0.786 -> 0.816) and the queries follow: 0.755 ->
-# 0.794 over two pools of 4 subjects (docs/results.md, "An image branch for the fine-tuned decoder")
-FINETUNE_IMAGE_BRANCH = False
+# 0.794 over two pools of 4 subjects. ACDC (slices about the model's size) does not gain (0.820 /
+# 0.720 vs 0.815 / 0.736 over two pools) and fine-tuning takes ~30% longer, past the 10-minute budget
+# (docs/results.md, "An image branch for the fine-tuned decoder"). So "auto": on for pools of small
+# slices, where the model sees each slice pixel as 4 or more input pixels (its embedding grid as fine
+# as the slice or finer), i.e. a median long side of at most IMAGE_BRANCH_MAX_SIDE px.
+FINETUNE_IMAGE_BRANCH = "auto"  # "auto", True or False
+FINETUNE_IMAGE_BRANCHES = ("auto", "on", "off")  # how the CLI spells it
+IMAGE_BRANCH_MAX_SIDE = 64  # LiteMedSAM: 256 px input / 4; hippocampus crops ~51 px, ACDC 154-256 px
 IMAGE_BRANCH_WIDTH = 32  # channels of its full-resolution layer (twice as many after the 4x stride)
 
 # --- Ray scale-out (ragseg.scale) ------------------------------------------------------------------

@@ -111,7 +111,7 @@ class EvalConfig:
     finetune_retrieved: float = defaults.FINETUNE_RETRIEVED  # share of retrieved-like training episodes
     finetune_augment: int = defaults.FINETUNE_AUGMENT  # augmented copies of each pool slice for fine-tuning
     finetune_precision: str = defaults.FINETUNE_PRECISION  # auto / bf16 / float32 (ragseg.precision)
-    finetune_image_branch: bool = defaults.FINETUNE_IMAGE_BRANCH  # the decoder also reads the slice (fewshot.ImageBranch)
+    finetune_image_branch: str | bool = defaults.FINETUNE_IMAGE_BRANCH  # decoder reads the slice: auto / True / False
     keep_largest: bool = defaults.KEEP_LARGEST_COMPONENT  # one-structure labels: largest 3D component only
     baseline_iters: int = defaults.BASELINE_MAX_ITERS  # unet / dynunet: iteration cap
     baseline_time_s: float = defaults.BASELINE_TIME_LIMIT_S  # unet / dynunet: wall-clock cap per training
@@ -508,7 +508,13 @@ class Harness:
     def train_finetuned(self, case: Case):
         from .augment import with_augmented_copies
         from .engine import SupportMemoryCache
-        from .fewshot import LiteMedSamAdapter, PrototypeDecoder, build_training_set, finetune
+        from .fewshot import (
+            LiteMedSamAdapter,
+            PrototypeDecoder,
+            build_training_set,
+            finetune,
+            resolve_image_branch,
+        )
         from .litemedsam import LiteMedSamEngine, SupportEmbedding
 
         adapter = LiteMedSamAdapter(self.models.lite())
@@ -518,7 +524,8 @@ class Harness:
                                                self.cfg.finetune_augment, case.seed)
         ts = build_training_set(adapter, sl, lb, self.labels, groups=groups)
         dec = PrototypeDecoder(adapter, location_prior=self.cfg.location_prior, area_cap=self.cfg.area_cap,
-                               image_branch=self.cfg.finetune_image_branch)
+                               image_branch=resolve_image_branch(self.cfg.finetune_image_branch, sl,
+                                                                 adapter.input_size))
         res = finetune(dec, ts, epochs=self.cfg.finetune_epochs, seed=case.seed, retrieved=self.cfg.finetune_retrieved,
                        precision=self.cfg.finetune_precision)
         logger.info("%s: fine-tuned decoder, best train Dice %.3f at epoch %d (%.1f s/epoch)", case.name,

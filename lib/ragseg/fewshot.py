@@ -164,6 +164,27 @@ def decoder_image(slices01: np.ndarray | torch.Tensor, grid: int) -> torch.Tenso
     return resize_slices(slices01, 4 * grid).to(torch.float16)
 
 
+def resolve_image_branch(choice: str | bool, slices: Sequence[np.ndarray], input_size: int) -> bool:
+    """Whether a decoder fine-tuned on ``slices`` gets an :class:`ImageBranch`.
+
+    ``choice``: True / False (or "on" / "off"), or "auto": on when the slices' median long side is
+    at most ``defaults.IMAGE_BRANCH_MAX_SIDE`` scaled to the model's ``input_size`` (64 px for
+    LiteMedSAM's 256), where the frozen encoder sees every slice pixel blown up 4x or more."""
+    if isinstance(choice, bool):
+        return choice
+    c = str(choice).strip().lower()
+    if c in ("on", "true"):
+        return True
+    if c in ("off", "false"):
+        return False
+    if c != "auto":
+        raise RagsegError(f"image branch: auto, on or off, not {choice!r}")
+    if not len(slices):
+        return False
+    side = float(np.median([max(s.shape[-2:]) for s in slices]))
+    return side <= defaults.IMAGE_BRANCH_MAX_SIDE * input_size / 256
+
+
 class ImageBranch(nn.Module):
     """The query slice at 4x the embedding grid -> a dense prompt term [n, C, g, g].
 
@@ -217,7 +238,7 @@ class PrototypeDecoder(nn.Module):
                  location_prior: int | None = defaults.LOCATION_PRIOR,
                  exclusive: bool | list[tuple[int, int]] | None = None,
                  area_cap: float | None = defaults.REGION_AREA_CAP,
-                 image_branch: bool = defaults.FINETUNE_IMAGE_BRANCH):
+                 image_branch: bool = False):
         super().__init__()
         object.__setattr__(self, "adapter", adapter)  # not a submodule: its weights are not ours
         self.use_box = use_box

@@ -19,6 +19,7 @@ from .fewshot import (
     build_training_set,
     data_checksum,
     finetune,
+    resolve_image_branch,
 )
 from .pipeline import LabeledVolume, Preprocess, patient_of
 from .volume import file_checksum, load_image, load_label
@@ -63,7 +64,7 @@ def train_decoder(items: Sequence[LabeledVolume], adapter: DecoderAdapter, pre: 
                   retrieved: float = defaults.FINETUNE_RETRIEVED,
                   augment: int = defaults.FINETUNE_AUGMENT,
                   precision: str = defaults.FINETUNE_PRECISION,
-                  image_branch: bool = defaults.FINETUNE_IMAGE_BRANCH,
+                  image_branch: str | bool = defaults.FINETUNE_IMAGE_BRANCH,
                   on_epoch: Callable[[int, dict], bool | None] | None = None) -> TrainResult:
     """Fine-tune a prototype decoder on the labeled slices of ``items`` and save it to ``out_dir``.
 
@@ -72,8 +73,9 @@ def train_decoder(items: Sequence[LabeledVolume], adapter: DecoderAdapter, pre: 
     edge get none); 0: none.
     ``precision``: auto / bf16 / float32 (:func:`ragseg.fewshot.finetune`); the manifest records
     the one used.
-    ``image_branch``: the decoder also reads the slice itself (:class:`ragseg.fewshot.ImageBranch`);
-    the manifest says so and the engine then passes each query slice.
+    ``image_branch``: the decoder also reads the slice itself (:class:`ragseg.fewshot.ImageBranch`):
+    True, False or "auto" (:func:`ragseg.fewshot.resolve_image_branch`, on pools of small slices);
+    the manifest says which and the engine then passes each query slice.
     """
     t0 = time.perf_counter()
     slices, labs, labels, ident, images = labeled_slices(items, pre, labels)
@@ -86,8 +88,9 @@ def train_decoder(items: Sequence[LabeledVolume], adapter: DecoderAdapter, pre: 
     slices, labs, groups = with_augmented_copies(slices, labs, [patient_of(i) for i in images], augment, seed)
     ts = build_training_set(adapter, slices, labs, labels, groups=groups)
     logger.info("encoded %d labeled slices (%d with augmented copies) in %.1f s", n_slices, len(ts), ts.encode_s)
+    branch = resolve_image_branch(image_branch, slices, adapter.input_size)
     dec = PrototypeDecoder(adapter, use_box=use_box, location_prior=location_prior, area_cap=area_cap,
-                           image_branch=image_branch)
+                           image_branch=branch)
     res = finetune(dec, ts, epochs=epochs, lr=lr, k=k, seed=seed, max_episodes=max_episodes, progress=progress,
                    retrieved=retrieved, precision=precision, on_epoch=on_epoch)
     names = names or {}

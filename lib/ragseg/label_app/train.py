@@ -11,8 +11,9 @@ server's infer task picks the new decoder up on its next request.
 Request params (JSON body of ``POST /train/<name>``): ``epochs``, ``lr``, ``k``, ``use_box``,
 ``max_episodes``, ``seed``, ``retrieved_episodes`` (share of episodes with retrieval-like supports,
 0..1), ``augment_copies`` (augmented copies of each labeled slice framed by background, 0..8), ``precision`` (auto, bf16 or
-float32: the arithmetic of the decoder's forward passes), ``image_branch`` (true / false: the decoder
-also reads the slice itself, ``ragseg.fewshot.ImageBranch``), ``labels`` (names or values; default all
+float32: the arithmetic of the decoder's forward passes), ``image_branch`` (auto, true or false: the
+decoder also reads the slice itself, ``ragseg.fewshot.ImageBranch``; auto: for small slices),
+``labels`` (names or values; default all
 labeled).
 """
 
@@ -45,16 +46,18 @@ def _write_json(path: Path, data: dict) -> None:
         json.dump(data, f, default=str)
 
 
-def _flag(v: Any) -> bool:
-    """A JSON boolean, or its spelling as a string ("true" / "false", "1" / "0")."""
+def _branch(v: Any) -> str | bool:
+    """"auto", a JSON boolean, or a boolean spelled as a string ("true" / "false", "on" / "off")."""
     if isinstance(v, bool):
         return v
     t = str(v).strip().lower()
-    if t in ("true", "1", "yes"):
+    if t == "auto":
+        return t
+    if t in ("true", "on", "1"):
         return True
-    if t in ("false", "0", "no"):
+    if t in ("false", "off", "0"):
         return False
-    raise ValueError(f"expected true or false, got {v!r}")
+    raise ValueError(f"image_branch: auto, true or false, not {v!r}")
 
 
 class DecoderTrainTask(TrainTask):
@@ -110,7 +113,7 @@ class DecoderTrainTask(TrainTask):
             retrieved = float(cfg["retrieved_episodes"])
             augment = int(cfg["augment_copies"])
             precision = str(cfg["precision"])
-            image_branch = _flag(cfg["image_branch"])
+            image_branch = _branch(cfg["image_branch"])
         except (TypeError, ValueError) as e:
             raise HTTPException(422, f"bad train parameter: {e}") from None
         if not (1 <= epochs <= 1000 and 1 <= k <= defaults.MAX_K and max_ep >= 1 and 0 < lr < 1
