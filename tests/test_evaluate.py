@@ -218,10 +218,11 @@ def test_learning_curve_series_are_told_apart():
     assert len({st[(m, 3 if m not in K_FREE else 0)][0] for m in METHODS}) == len(METHODS)
 
 
-def _run_folder(path, seed, methods, rng, command=None, **cfg_kw):
+def _run_folder(path, seed, methods, rng, command=None, finetune=None, **cfg_kw):
     """A run folder as `ragseg evaluate` leaves it (results.csv, cases.json, summary.md), written by
     the harness's own report writer from rows of 3 patients x 2 pool sizes; with ``command`` (a
-    ``ragseg evaluate`` line) its settings are that command's as the CLI parses it."""
+    ``ragseg evaluate`` line) its settings are that command's as the CLI parses it; ``finetune``:
+    the fine-tuning record every case keeps (as the harness's)."""
     from ragseg.cli import config_from_command
     from ragseg.evaluate import K_FREE, EvalConfig, write_reports
 
@@ -236,6 +237,8 @@ def _run_folder(path, seed, methods, rng, command=None, **cfg_kw):
         for n in (1, 2):
             case = f"p{p}-n{n}-s{seed}"
             info[case] = {"subject": f"p{p}", "seed": seed, "n_support": n}
+            if finetune is not None:
+                info[case]["finetune"] = finetune
             for m in methods:
                 for c, lab in (("x", 1), ("y", 2)):
                     rows.append({"case": case, "subject": f"p{p}", "patient": f"p{p}", "n_support": n, "seed": seed,
@@ -339,3 +342,35 @@ def test_merge_reads_a_run_that_kept_only_its_table(tmp_path, capsys):
     (tmp_path / "s2" / "cases.json").unlink()
     assert main(["evaluate-merge", str(tmp_path / "s1"), str(tmp_path / "s2"), "--out", str(tmp_path / "m1")]) != 0
     assert "max_regions 5 vs 1" in capsys.readouterr().err and not (tmp_path / "m1").exists()
+
+
+def test_merge_refuses_runs_whose_fine_tunings_differ(tmp_path):
+    """Settings such as `--image-branch auto` resolve per pool, and a table-only folder's command is
+    read with today's defaults: merging also compares what the fine-tunings did (epochs, augmented
+    copies, image branch), from cases.json or from the summary's fine-tuning line, and refuses
+    runs that differ, whichever of the two records it has."""
+    from ragseg.cli import config_from_command
+    from ragseg.errors import RagsegError
+    from ragseg.evaluate import merge_runs
+
+    rng = np.random.default_rng(2)
+    rec = {"best_metric": 0.8, "epochs": 50, "train_s": 1.0, "encode_s": 0.0, "exclusive": False,
+           "augmented_copies": 1, "image_branch": True, "precision": "bf16"}
+    def cmd(seed):
+        return (f"ragseg evaluate /data/ds --classes x=1,y=2 --mode cross --n-support 1,2 --k 3 "
+                f"--methods finetuned --seeds {seed} --no-figures --out {tmp_path / f's{seed}'}")
+
+    _run_folder(tmp_path / "s0", 0, ["finetuned"], rng, command=cmd(0), finetune=rec)
+    _run_folder(tmp_path / "s1", 1, ["finetuned"], rng, command=cmd(1), finetune=rec)
+    merge_runs([tmp_path / "s0", tmp_path / "s1"], tmp_path / "same")  # the same fine-tuning: merged
+    assert "an image branch" in (tmp_path / "same" / "summary.md").read_text()
+    old = {k: v for k, v in rec.items() if k != "image_branch"}  # a record from before the branch existed
+    _run_folder(tmp_path / "s2", 2, ["finetuned"], rng, command=cmd(2), finetune=old)
+    with pytest.raises(RagsegError, match="image_branch False vs True"):
+        merge_runs([tmp_path / "s0", tmp_path / "s2"], tmp_path / "m0")
+    # the same, with the earlier run kept as a table only: read from its summary's fine-tuning line
+    _run_folder(tmp_path / "s3", 3, ["finetuned"], rng, command=cmd(3), finetune={**old, "epochs": 20})
+    (tmp_path / "s3" / "cases.json").unlink()
+    with pytest.raises(RagsegError, match="epochs 20 vs 50, image_branch False vs True"):
+        merge_runs([tmp_path / "s0", tmp_path / "s3"], tmp_path / "m1", config_of=config_from_command)
+    assert not (tmp_path / "m0").exists() and not (tmp_path / "m1").exists()

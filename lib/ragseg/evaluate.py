@@ -969,6 +969,34 @@ def _run_record(run: Path, config_of: Callable[[str], EvalConfig] | None = None)
     return rows, info
 
 
+# what a fine-tuning did, as its records keep it (`finetune` in cases.json) and as the summary's
+# "fine-tuning:" line says it; fields missing from older records mean the feature did not exist yet
+_FINETUNE_OUTCOME = {"epochs": (r"\((\d+) epochs", int, None),
+                     "augmented_copies": (r"(\d+) augmented copies", int, 0),
+                     "image_branch": (r"(an image branch)", bool, False)}
+
+
+def _finetune_outcome(run: Path, info: dict) -> dict | None:
+    """How a run's fine-tunings were done (epochs, augmented copies, image branch), from its
+    records or else its summary; None when the run fine-tuned nothing or says nothing about it.
+    Settings such as ``--image-branch auto`` resolve per pool, and a summary-only folder's command
+    is read with today's defaults, so merging compares these outcomes as well as the settings."""
+    ft = [c["finetune"] for c in (info.get("cases") or {}).values() if isinstance(c.get("finetune"), dict)]
+    if ft:  # as the summary line reports them (write_reports): the first record's counts, any branch
+        return {"epochs": ft[0].get("epochs"), "augmented_copies": ft[0].get("augmented_copies", 0),
+                "image_branch": any(bool(f.get("image_branch", False)) for f in ft)}
+    summary = run / "summary.md"
+    line = next((x for x in (summary.read_text().splitlines() if summary.exists() else [])
+                 if x.startswith("- fine-tuning: ")), None)
+    if line is None:
+        return None
+    out = {}
+    for k, (pattern, cast, dflt) in _FINETUNE_OUTCOME.items():
+        m = re.search(pattern, line)
+        out[k] = cast(m.group(1)) if m else dflt
+    return out
+
+
 def _record_without_cases(run: Path, config_of: Callable[[str], EvalConfig]) -> dict:
     """A stand-in ``cases.json`` for a run that kept only its table: the settings are the command's
     (on the summary's first line) as ``config_of`` parses it, so options left at their defaults
@@ -1011,6 +1039,12 @@ def merge_runs(runs: Sequence[str | Path], out: str | Path, command: str = "", f
         if bad:
             raise RagsegError(f"{run} was run with other settings than {records[0][0]}: "
                               + ", ".join(f"{k} {cfg.get(k)!r} vs {base.get(k)!r}" for k in bad))
+    done = [(run, o) for run, _, info in records if (o := _finetune_outcome(run, info)) is not None]
+    for run, o in done[1:]:
+        bad = sorted(k for k in o if o[k] != done[0][1][k])
+        if bad:
+            raise RagsegError(f"{run} fine-tuned otherwise than {done[0][0]}: "
+                              + ", ".join(f"{k} {o[k]!r} vs {done[0][1][k]!r}" for k in bad))
     rows: list[dict] = []
     seen: dict[tuple, Path] = {}
     case_info: dict[str, dict] = {}
