@@ -347,7 +347,7 @@ def test_merge_reads_a_run_that_kept_only_its_table(tmp_path, capsys):
 def test_merge_refuses_runs_whose_fine_tunings_differ(tmp_path):
     """Settings such as `--image-branch auto` resolve per pool, and a table-only folder's command is
     read with today's defaults: merging also compares what the fine-tunings did (epochs, augmented
-    copies, image branch), from cases.json or from the summary's fine-tuning line, and refuses
+    copies, image branch, decoders averaged), from cases.json or from the summary's fine-tuning line, and refuses
     runs that differ, whichever of the two records it has."""
     from ragseg.cli import config_from_command
     from ragseg.errors import RagsegError
@@ -373,4 +373,9 @@ def test_merge_refuses_runs_whose_fine_tunings_differ(tmp_path):
     (tmp_path / "s3" / "cases.json").unlink()
     with pytest.raises(RagsegError, match="epochs 20 vs 50, image_branch False vs True"):
         merge_runs([tmp_path / "s0", tmp_path / "s3"], tmp_path / "m1", config_of=config_from_command)
-    assert not (tmp_path / "m0").exists() and not (tmp_path / "m1").exists()
+    # three decoders averaged against one
+    _run_folder(tmp_path / "s4", 4, ["finetuned"], rng, command=cmd(4), finetune={**rec, "members": 3})
+    assert "3 decoders averaged" in (tmp_path / "s4" / "summary.md").read_text()
+    with pytest.raises(RagsegError, match="members 3 vs 1"):
+        merge_runs([tmp_path / "s0", tmp_path / "s4"], tmp_path / "m2")
+    assert not any((tmp_path / m).exists() for m in ("m0", "m1", "m2"))

@@ -703,3 +703,60 @@ def test_image_branch_is_chosen_for_pools_of_small_slices():
     assert _branch(True) is True and _branch("false") is False and _branch("auto") == "auto"
     with pytest.raises(ValueError, match="auto, true or false"):
         _branch("maybe")
+
+
+def test_decoders_averaged_are_the_seeded_members_served_as_their_mean(tmp_path, monkeypatch):
+    """`decoders=N`: member j is exactly the single training with seed + 100 j; the ensemble's logits
+    are the members' mean; it is saved and loaded strictly as one decoder, and the engine decodes
+    every item with every member."""
+    from ragseg import defaults
+    from ragseg.engine import Support
+    from ragseg.errors import RagsegError
+    from ragseg.fewshot import IMAGE_KEY, DecoderEnsemble, LiteMedSamAdapter, PrototypeDecoder, decoder_image
+    from ragseg.litemedsam import LiteMedSAM, LiteMedSamEngine
+    from ragseg.pipeline import Preprocess, discover_pairs
+    from ragseg.synthetic import write_subject
+    from ragseg.training import train_decoder
+
+    for i in range(3):
+        write_subject(make_subject(50 + i, shape=(48, 48, 3)), tmp_path / f"p{i}.nii.gz", tmp_path / "labels" / f"p{i}.nii.gz")
+    items = discover_pairs(tmp_path, tmp_path / "labels")
+    lite = LiteMedSAM.random(seed=0)
+    ad = LiteMedSamAdapter(lite)
+    kw = dict(labels=[1, 2], epochs=1, max_episodes=4, augment=1, precision="float32")
+    res = train_decoder(items, ad, Preprocess(modality="CT"), tmp_path / "ens", members=2, seed=3, **kw)
+    ens = res.decoder
+    assert isinstance(ens, DecoderEnsemble) and len(ens.members) == 2 and len(res.members) == 2
+    step = defaults.FINETUNE_MEMBER_SEED_STEP
+    for j, m in enumerate(ens.members):  # each member is the plain training with its seed
+        single = train_decoder(items, ad, Preprocess(modality="CT"), tmp_path / f"s{j}", seed=3 + j * step, **kw).decoder
+        assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), single.state_dict().values()))
+    a, b = (list(m.state_dict().values()) for m in ens.members)
+    assert not all(torch.equal(x, y) for x, y in zip(a, b))  # other seeds, other decoders
+
+    x, y = _slices([7], shape=(48, 48, 6))
+    assert ens.image_branch is not None  # 48 px slices: auto gives the members a branch
+    feats = {"embed": lite.embeddings(x[:2]), IMAGE_KEY: decoder_image(x[:2], 64)}
+    fg, bg = torch.randn(2, 256), torch.randn(2, 256)
+    box = torch.tensor([[40.0, 40, 200, 200]] * 2)
+    with torch.no_grad():
+        want = (ens.members[0](feats, fg, bg, box) + ens.members[1](feats, fg, bg, box)) / 2
+        assert torch.allclose(ens(feats, fg, bg, box), want, atol=1e-6)
+    man = json.loads((tmp_path / "ens" / "manifest.json").read_text())
+    assert man["members"] == 2 and len(man["member_metrics"]) == 2
+    loaded, _ = PrototypeDecoder.load(tmp_path / "ens", ad)
+    assert isinstance(loaded, DecoderEnsemble)
+    with torch.no_grad():
+        assert torch.equal(loaded(feats, fg, bg, box), ens(feats, fg, bg, box))
+    man["members"] = 3  # a manifest that does not match its weights: refused, not half-loaded
+    (tmp_path / "ens" / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(RagsegError, match="cannot load"):
+        PrototypeDecoder.load(tmp_path / "ens", ad)
+
+    calls = []
+    for m in loaded.members:
+        fw = m.forward
+        monkeypatch.setattr(m, "forward", lambda *a, _fw=fw, **k: calls.append(1) or _fw(*a, **k))
+    sups = [[[Support("s", lambda: (x[-1], y[-1] == 1))]] * 2]
+    LiteMedSamEngine(lite, decoder=loaded, location_prior=None).segment_queries(x[:2], sups)
+    assert len(calls) == 2 * 2  # every query's decode batch went through both members

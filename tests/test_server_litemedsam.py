@@ -67,6 +67,7 @@ def test_train_task_through_the_server(server, tmp_path):
     info = server.info()
     assert "ragseg_decoder" in info["trainers"]
     status, body, _ = server.request("POST", "/train/ragseg_decoder", json_body={"epochs": 2, "max_episodes": 8,
+                                                                                 "decoders": 2,
                                                                                  "retrieved_episodes": 0.5,
                                                                                  "augment_copies": 0,
                                                                                  "precision": "float32"})
@@ -84,15 +85,16 @@ def test_train_task_through_the_server(server, tmp_path):
         time.sleep(1)
     assert task.get("status") == "DONE", (task, server.tail(40))
     ts = server.info()["train_stats"]["ragseg_decoder"]
-    assert ts["epoch"] == ts["total_epochs"] == 2 and 0 < ts["best_metric"] <= 1 and ts["total_time"] > 0
+    assert ts["epoch"] == ts["total_epochs"] == 4 and 0 < ts["best_metric"] <= 1 and ts["total_time"] > 0
     assert ts["state"] == "done"
     man = json.loads((server.studies / ".ragseg" / "decoders" / "ragseg_decoder" / "manifest.json").read_text())
     assert man["epochs"] == 2 and man["averaged_epochs"] == 1  # a 2-epoch run averages its second half
     # the request's training parameters reached the training
     assert man["retrieved_episodes"] == 0.5 and man["augmented_copies"] == 0 and man["precision"] == "float32"
     assert man["training_slices"] == man["slices"]
+    assert man["members"] == 2 and len(man["member_metrics"]) == 2  # two fine-tunings, served as their mean
     if seen_running is not None:  # what Slicer polls while it runs: no total_time yet
-        assert "total_time" not in seen_running and seen_running["total_epochs"] == 2
+        assert "total_time" not in seen_running and seen_running["total_epochs"] == 4
     # the next request uses the fine-tuned decoder
     status, body = _infer(server, "subject_02", {"k": 2})
     assert status == 200

@@ -25,6 +25,10 @@ _IMAGE_BRANCH_HELP = ("fine-tuning: give the decoder the slice itself through a 
                       "into its dense prompt, beside the frozen embedding; auto: for pools of small slices (median "
                       f"long side <= {defaults.IMAGE_BRANCH_MAX_SIDE} px) (default: %(default)s)")
 
+_DECODERS_HELP = ("fine-tuning: train N decoders of the pool with seeds seed, seed + "
+                  f"{defaults.FINETUNE_MEMBER_SEED_STEP}, ... and serve the mean of their logits; N times the "
+                  "fine-tuning time (default: %(default)s)")
+
 logger = logging.getLogger("ragseg")
 
 
@@ -42,6 +46,13 @@ def _count(v: str) -> int:
         raise argparse.ArgumentTypeError(f"a whole number >= 0, not {v}") from None
     if x < 0:
         raise argparse.ArgumentTypeError(f"a whole number >= 0, not {v}")
+    return x
+
+
+def _members(v: str) -> int:
+    x = _count(v)
+    if not 1 <= x <= defaults.FINETUNE_MAX_MEMBERS:
+        raise argparse.ArgumentTypeError(f"between 1 and {defaults.FINETUNE_MAX_MEMBERS}, not {v}")
     return x
 
 
@@ -319,7 +330,7 @@ def _eval_config(a: argparse.Namespace):
                      area_cap=a.area_cap, region_score=a.region_score,
                      finetune_epochs=a.finetune_epochs, finetune_retrieved=a.retrieved_episodes,
                      finetune_augment=a.augment_copies, finetune_precision=a.precision,
-                     finetune_image_branch=a.image_branch,
+                     finetune_image_branch=a.image_branch, finetune_members=a.decoders,
                      baseline_iters=a.baseline_iters,
                      baseline_time_s=a.baseline_time, baseline_size=a.baseline_size, keep_largest=not a.no_keep_largest,
                      save_predictions=a.save_predictions, figures=not a.no_figures, image_suffix=a.image_suffix,
@@ -389,12 +400,14 @@ def cmd_finetune(a: argparse.Namespace) -> int:
     res = train_decoder(items, adapter, _preprocess(a), a.out, labels=_ints("--classes", a.classes) or None,
                         epochs=a.epochs, lr=a.lr, k=a.k, use_box=not a.no_box, seed=a.seed, progress=True,
                         location_prior=cfg.location_prior, area_cap=cfg.area_cap, retrieved=a.retrieved_episodes,
-                        augment=a.augment_copies, precision=a.precision, image_branch=a.image_branch)
+                        augment=a.augment_copies, precision=a.precision, image_branch=a.image_branch,
+                        members=a.decoders)
     per_epoch = np.mean([h["seconds"] for h in res.history])
     print(json.dumps({"output": a.out, "epochs": len(res.history), "best_epoch": res.best_epoch,
                       "best_metric": round(res.best_metric, 4), "averaged_epochs": res.averaged, "first_loss": round(res.history[0]["loss"], 4),
                       "last_loss": round(res.history[-1]["loss"], 4), "encode_s": round(res.encode_s, 2),
-                      "epoch_s": round(float(per_epoch), 3), "precision": res.precision}))
+                      "epoch_s": round(float(per_epoch), 3), "precision": res.precision,
+                      "decoders": max(1, len(res.members))}))
     return 0
 
 
@@ -519,6 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help=_PRECISION_HELP)
     ev.add_argument("--image-branch", choices=defaults.FINETUNE_IMAGE_BRANCHES, default=defaults.FINETUNE_IMAGE_BRANCH,
                     help=_IMAGE_BRANCH_HELP)
+    ev.add_argument("--decoders", type=_members, default=defaults.FINETUNE_MEMBERS, metavar="N", help=_DECODERS_HELP)
     ev.add_argument("--baseline-iters", type=int, default=defaults.BASELINE_MAX_ITERS,
                     help="unet/dynunet: iteration cap (early stopping usually ends sooner; default: %(default)s)")
     ev.add_argument("--baseline-time", type=float, default=defaults.BASELINE_TIME_LIMIT_S, metavar="SECONDS",
@@ -571,6 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help=_PRECISION_HELP)
     ft.add_argument("--image-branch", choices=defaults.FINETUNE_IMAGE_BRANCHES, default=defaults.FINETUNE_IMAGE_BRANCH,
                     help=_IMAGE_BRANCH_HELP)
+    ft.add_argument("--decoders", type=_members, default=defaults.FINETUNE_MEMBERS, metavar="N", help=_DECODERS_HELP)
     _model_args(ft)
     ft.set_defaults(func=cmd_finetune)
 

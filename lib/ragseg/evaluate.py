@@ -112,6 +112,7 @@ class EvalConfig:
     finetune_augment: int = defaults.FINETUNE_AUGMENT  # augmented copies of each pool slice for fine-tuning
     finetune_precision: str = defaults.FINETUNE_PRECISION  # auto / bf16 / float32 (ragseg.precision)
     finetune_image_branch: str | bool = defaults.FINETUNE_IMAGE_BRANCH  # decoder reads the slice: auto / True / False
+    finetune_members: int = defaults.FINETUNE_MEMBERS  # fine-tunings per pool averaged into one decoder
     keep_largest: bool = defaults.KEEP_LARGEST_COMPONENT  # one-structure labels: largest 3D component only
     baseline_iters: int = defaults.BASELINE_MAX_ITERS  # unet / dynunet: iteration cap
     baseline_time_s: float = defaults.BASELINE_TIME_LIMIT_S  # unet / dynunet: wall-clock cap per training
@@ -503,7 +504,7 @@ class Harness:
                      "train_s": round(time.perf_counter() - t, 1), "encode_s": tr.encode_s,
                      "exclusive": eng.decoder.exclusive, "augmented_copies": self.cfg.finetune_augment,
                      "image_branch": eng.decoder.image_branch is not None,
-                     "precision": tr.precision}
+                     "precision": tr.precision, "members": max(1, len(tr.members))}
 
     def train_finetuned(self, case: Case):
         from .augment import with_augmented_copies
@@ -512,22 +513,26 @@ class Harness:
             LiteMedSamAdapter,
             PrototypeDecoder,
             build_training_set,
-            finetune,
+            finetune_members,
             resolve_image_branch,
         )
         from .litemedsam import LiteMedSamEngine, SupportEmbedding
 
         adapter = LiteMedSamAdapter(self.models.lite())
-        sl = [s.slices[z] for s, z in case.pool]  # any in-plane sizes
-        lb = [s.labels[z] for s, z in case.pool]
-        sl, lb, groups = with_augmented_copies(sl, lb, [s.group or s.id for s, _ in case.pool],
-                                               self.cfg.finetune_augment, case.seed)
-        ts = build_training_set(adapter, sl, lb, self.labels, groups=groups)
-        dec = PrototypeDecoder(adapter, location_prior=self.cfg.location_prior, area_cap=self.cfg.area_cap,
-                               image_branch=resolve_image_branch(self.cfg.finetune_image_branch, sl,
-                                                                 adapter.input_size))
-        res = finetune(dec, ts, epochs=self.cfg.finetune_epochs, seed=case.seed, retrieved=self.cfg.finetune_retrieved,
-                       precision=self.cfg.finetune_precision)
+        pool_sl = [s.slices[z] for s, z in case.pool]  # any in-plane sizes
+        pool_lb = [s.labels[z] for s, z in case.pool]
+        branch = resolve_image_branch(self.cfg.finetune_image_branch, pool_sl, adapter.input_size)
+
+        def make(seed: int):  # one member: its copies and training set drawn with its seed
+            sl, lb, groups = with_augmented_copies(pool_sl, pool_lb, [s.group or s.id for s, _ in case.pool],
+                                                   self.cfg.finetune_augment, seed)
+            ts = build_training_set(adapter, sl, lb, self.labels, groups=groups)
+            return PrototypeDecoder(adapter, location_prior=self.cfg.location_prior, area_cap=self.cfg.area_cap,
+                                    image_branch=branch), ts
+
+        res = finetune_members(make, self.cfg.finetune_members, seed=case.seed, epochs=self.cfg.finetune_epochs,
+                               retrieved=self.cfg.finetune_retrieved, precision=self.cfg.finetune_precision)
+        dec = res.decoder
         logger.info("%s: fine-tuned decoder, best train Dice %.3f at epoch %d (%.1f s/epoch)", case.name,
                     res.best_metric, res.best_epoch, np.mean([h["seconds"] for h in res.history]))
         eng = LiteMedSamEngine(self.models.lite(), cache=SupportMemoryCache(item_type=SupportEmbedding), decoder=dec,
@@ -776,7 +781,9 @@ def _timing_lines(rows: list[dict], case_info: dict, timing: dict | None) -> lis
         lines.append(f"- fine-tuning: {len(ft)} training(s), {np.mean([f['train_s'] for f in ft]):.1f} s each "
                      f"({ft[0]['epochs']} epochs, {ft[0].get('augmented_copies', 0)} augmented copies of each "
                      f"labeled slice framed by background, {' / '.join(sorted({f.get('precision', 'float32') for f in ft}))} arithmetic, "
-                     f"{'an image branch, ' if any(f.get('image_branch') for f in ft) else ''}embeddings cached), best training Dice "
+                     f"{'an image branch, ' if any(f.get('image_branch') for f in ft) else ''}"
+                     f"{str(ft[0]['members']) + ' decoders averaged, ' if ft[0].get('members', 1) > 1 else ''}"
+                     "embeddings cached), best training Dice "
                      f"{np.mean([f['best_metric'] for f in ft]):.3f}; exclusive regions (label pairs lying "
                      f"apart) in {sum(bool(f.get('exclusive')) for f in ft)} of {len(ft)} pool(s): "
                      f"{', '.join(sorted({json.dumps(f.get('exclusive')) for f in ft}))}")
@@ -927,7 +934,7 @@ _BASELINE = ("unet", "dynunet")
 SETTING_METHODS = {"baseline_iters": _BASELINE, "baseline_time_s": _BASELINE, "baseline_size": _BASELINE,
                    "finetune_epochs": ("finetuned",), "finetune_retrieved": ("finetuned",),
                    "finetune_augment": ("finetuned",), "finetune_precision": ("finetuned",),
-                   "finetune_image_branch": ("finetuned",)}
+                   "finetune_image_branch": ("finetuned",), "finetune_members": ("finetuned",)}
 
 
 def _run_record(run: Path, config_of: Callable[[str], EvalConfig] | None = None) -> tuple[list[dict], dict]:
@@ -973,7 +980,8 @@ def _run_record(run: Path, config_of: Callable[[str], EvalConfig] | None = None)
 # "fine-tuning:" line says it; fields missing from older records mean the feature did not exist yet
 _FINETUNE_OUTCOME = {"epochs": (r"\((\d+) epochs", int, None),
                      "augmented_copies": (r"(\d+) augmented copies", int, 0),
-                     "image_branch": (r"(an image branch)", bool, False)}
+                     "image_branch": (r"(an image branch)", bool, False),
+                     "members": (r"(\d+) decoders averaged", int, 1)}
 
 
 def _finetune_outcome(run: Path, info: dict) -> dict | None:
@@ -984,7 +992,8 @@ def _finetune_outcome(run: Path, info: dict) -> dict | None:
     ft = [c["finetune"] for c in (info.get("cases") or {}).values() if isinstance(c.get("finetune"), dict)]
     if ft:  # as the summary line reports them (write_reports): the first record's counts, any branch
         return {"epochs": ft[0].get("epochs"), "augmented_copies": ft[0].get("augmented_copies", 0),
-                "image_branch": any(bool(f.get("image_branch", False)) for f in ft)}
+                "image_branch": any(bool(f.get("image_branch", False)) for f in ft),
+                "members": ft[0].get("members", 1)}
     summary = run / "summary.md"
     line = next((x for x in (summary.read_text().splitlines() if summary.exists() else [])
                  if x.startswith("- fine-tuning: ")), None)

@@ -321,8 +321,9 @@ class PrototypeDecoder(nn.Module):
         return d
 
     @classmethod
-    def load(cls, directory: str | Path, adapter: DecoderAdapter) -> tuple[PrototypeDecoder, dict]:
-        """A saved decoder for ``adapter``'s backbone (strict); RagsegError naming the problem."""
+    def load(cls, directory: str | Path, adapter: DecoderAdapter) -> tuple[PrototypeDecoder | DecoderEnsemble, dict]:
+        """A saved decoder for ``adapter``'s backbone (strict); RagsegError naming the problem. A
+        folder whose manifest has ``members`` > 1 holds a :class:`DecoderEnsemble`."""
         d = Path(directory)
         try:
             man = json.loads((d / MANIFEST).read_text())
@@ -337,15 +338,94 @@ class PrototypeDecoder(nn.Module):
                               f"not {adapter.backbone_id!r}")
         ex = man.get("exclusive", False)
         ex = [tuple(int(v) for v in p) for p in ex] if isinstance(ex, list) else bool(ex)
-        # decoders saved before the size cap (or the image branch) existed were trained without one
-        dec = cls(adapter, use_box=bool(man["use_box"]), location_prior=man.get("location_prior"), exclusive=ex,
-                  area_cap=man.get("area_cap"), image_branch=bool(man.get("image_branch", False)))
+        n = man.get("members", 1)
+        if not isinstance(n, int) or n < 1:
+            raise RagsegError(f"{d / MANIFEST}: members must be a positive integer, got {n!r}")
+
+        def member() -> PrototypeDecoder:
+            # decoders saved before the size cap (or the image branch) existed were trained without one
+            return cls(adapter, use_box=bool(man["use_box"]), location_prior=man.get("location_prior"),
+                       exclusive=ex, area_cap=man.get("area_cap"), image_branch=bool(man.get("image_branch", False)))
+
+        dec = member() if n == 1 else DecoderEnsemble([member() for _ in range(n)])
         try:
             state = torch.load(d / WEIGHTS, map_location="cpu", weights_only=True)
             dec.load_state_dict(state, strict=True)
         except Exception as e:  # corrupt or truncated file, wrong keys or shapes: one clear error
             raise RagsegError(f"{d / WEIGHTS}: cannot load ({type(e).__name__}: {str(e)[:200]})") from None
         return dec.eval(), man
+
+
+class DecoderEnsemble(nn.Module):
+    """Several fine-tunings of one pool served as one decoder: the mean of the members' logits.
+
+    One training's result moves with its seed alone (episode draws, batch order, bf16 rounding);
+    averaging a few keeps the good ones' gains and smooths the bad one's misses. Prompts (prototypes,
+    boxes, exclusive regions, area cap) are the first member's, so every member decodes the same
+    items; members are built alike (same backbone, box use, image branch).
+
+    Args:
+        members: the trained :class:`PrototypeDecoder` s (at least one).
+    """
+
+    def __init__(self, members: Sequence[PrototypeDecoder]):
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        if len({(m.use_box, m.image_branch is not None) for m in members}) > 1:
+            raise ValueError("ensemble members must agree on box prompts and the image branch")
+        self.members = nn.ModuleList(members)
+
+    # what the engine and the harness read from a decoder: the first member's
+    adapter = property(lambda self: self.members[0].adapter)
+    use_box = property(lambda self: self.members[0].use_box)
+    location_prior = property(lambda self: self.members[0].location_prior)
+    exclusive = property(lambda self: self.members[0].exclusive)
+    area_cap = property(lambda self: self.members[0].area_cap)
+    image_branch = property(lambda self: self.members[0].image_branch)
+
+    def forward(self, feats: dict[str, torch.Tensor], fg: torch.Tensor, bg: torch.Tensor,
+                boxes: torch.Tensor | None = None) -> torch.Tensor:
+        """The members' mean logits [n, 1, S, S] (see :meth:`PrototypeDecoder.forward`)."""
+        return torch.stack([m(feats, fg, bg, boxes) for m in self.members]).mean(0)
+
+    def prompt(self, *args, **kwargs):
+        """:meth:`PrototypeDecoder.prompt` of the first member."""
+        return self.members[0].prompt(*args, **kwargs)
+
+    def save(self, directory: str | Path, manifest: dict) -> Path:
+        """As :meth:`PrototypeDecoder.save`, with ``members`` in the manifest."""
+        return PrototypeDecoder.save(self, directory, {**manifest, "members": len(self.members)})
+
+
+def finetune_members(make: Callable[[int], tuple[PrototypeDecoder, TrainingSet]], members: int = 1, *,
+                     seed: int = 0, **kwargs) -> TrainResult:
+    """Fine-tune ``members`` decoders of one pool and return them as one.
+
+    ``make(seed)`` builds member j's untrained decoder and training set with seed ``seed + j *
+    defaults.FINETUNE_MEMBER_SEED_STEP`` (e.g. its augmented copies), which :func:`finetune`
+    (``kwargs``) then trains with; torch's generator is seeded with it first, so a decoder's random
+    initial weights depend on its seed alone, not on what the process drew before. One member: that decoder, as :func:`finetune` returns it; more:
+    a :class:`DecoderEnsemble`, with each training's result in ``members``, their summed encode
+    time, their mean metric and the first one's history and precision.
+    """
+    if members < 1:
+        raise RagsegError(f"members must be >= 1, got {members}")
+    done = []
+    for j in range(members):
+        s = seed + j * defaults.FINETUNE_MEMBER_SEED_STEP
+        torch.manual_seed(s)  # the decoder's random init (its image branch) is the seed's, not the process's
+        dec, ts = make(s)
+        if members > 1:
+            logger.info("fine-tuning member %d of %d (seed %d)", j + 1, members, s)
+        done.append(finetune(dec, ts, seed=s, **kwargs))
+    if members == 1:
+        return done[0]
+    first = done[0]
+    return TrainResult(DecoderEnsemble([r.decoder for r in done]).eval(), history=first.history,
+                       best_metric=float(np.mean([r.best_metric for r in done])), best_epoch=first.best_epoch,
+                       averaged=first.averaged, encode_s=sum(r.encode_s for r in done),
+                       precision=first.precision, members=done)
 
 
 def _atomic_write(path: Path, write: Callable) -> None:
@@ -600,6 +680,7 @@ class TrainResult:
     averaged: int = 0  # epoch-end states averaged into the decoder kept (0: the best epoch's kept)
     encode_s: float = 0.0
     precision: str = "float32"  # what the decoder's forward passes ran in ("bf16" or "float32")
+    members: list[TrainResult] = field(default_factory=list)  # a DecoderEnsemble's trainings, in order
 
 
 def average_states(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -15,10 +15,11 @@ from .errors import RagsegError
 from .fewshot import (
     DecoderAdapter,
     PrototypeDecoder,
+    TrainingSet,
     TrainResult,
     build_training_set,
     data_checksum,
-    finetune,
+    finetune_members,
     resolve_image_branch,
 )
 from .pipeline import LabeledVolume, Preprocess, patient_of
@@ -65,6 +66,7 @@ def train_decoder(items: Sequence[LabeledVolume], adapter: DecoderAdapter, pre: 
                   augment: int = defaults.FINETUNE_AUGMENT,
                   precision: str = defaults.FINETUNE_PRECISION,
                   image_branch: str | bool = defaults.FINETUNE_IMAGE_BRANCH,
+                  members: int = defaults.FINETUNE_MEMBERS,
                   on_epoch: Callable[[int, dict], bool | None] | None = None) -> TrainResult:
     """Fine-tune a prototype decoder on the labeled slices of ``items`` and save it to ``out_dir``.
 
@@ -76,6 +78,10 @@ def train_decoder(items: Sequence[LabeledVolume], adapter: DecoderAdapter, pre: 
     ``image_branch``: the decoder also reads the slice itself (:class:`ragseg.fewshot.ImageBranch`):
     True, False or "auto" (:func:`ragseg.fewshot.resolve_image_branch`, on pools of small slices);
     the manifest says which and the engine then passes each query slice.
+    ``members``: fine-tunings of the pool averaged into one decoder
+    (:class:`ragseg.fewshot.DecoderEnsemble`; member j with seed ``seed + j *
+    defaults.FINETUNE_MEMBER_SEED_STEP``, copies included); the manifest records how many.
+    ``on_epoch`` sees every member's epochs in turn.
     """
     t0 = time.perf_counter()
     slices, labs, labels, ident, images = labeled_slices(items, pre, labels)
@@ -85,23 +91,30 @@ def train_decoder(items: Sequence[LabeledVolume], adapter: DecoderAdapter, pre: 
     # episodes take supports from other patients (two frames of one heart are one), as when a new
     # patient is segmented
     n_slices = len(slices)
-    slices, labs, groups = with_augmented_copies(slices, labs, [patient_of(i) for i in images], augment, seed)
-    ts = build_training_set(adapter, slices, labs, labels, groups=groups)
-    logger.info("encoded %d labeled slices (%d with augmented copies) in %.1f s", n_slices, len(ts), ts.encode_s)
     branch = resolve_image_branch(image_branch, slices, adapter.input_size)
-    dec = PrototypeDecoder(adapter, use_box=use_box, location_prior=location_prior, area_cap=area_cap,
-                           image_branch=branch)
-    res = finetune(dec, ts, epochs=epochs, lr=lr, k=k, seed=seed, max_episodes=max_episodes, progress=progress,
-                   retrieved=retrieved, precision=precision, on_epoch=on_epoch)
+    sizes: list[int] = []
+
+    def make(member_seed: int) -> tuple[PrototypeDecoder, TrainingSet]:
+        sl, lb, groups = with_augmented_copies(slices, labs, [patient_of(i) for i in images], augment, member_seed)
+        ts = build_training_set(adapter, sl, lb, labels, groups=groups)
+        sizes.append(len(ts))
+        logger.info("encoded %d labeled slices (%d with augmented copies) in %.1f s", n_slices, len(ts), ts.encode_s)
+        return PrototypeDecoder(adapter, use_box=use_box, location_prior=location_prior, area_cap=area_cap,
+                                image_branch=branch), ts
+
+    res = finetune_members(make, members, seed=seed, epochs=epochs, lr=lr, k=k, max_episodes=max_episodes,
+                           progress=progress, retrieved=retrieved, precision=precision, on_epoch=on_epoch)
+    dec = res.decoder
     names = names or {}
     dec.save(out_dir, {
         "labels": {names.get(v, f"label_{v}"): v for v in labels},
-        "data_checksum": data_checksum(ident), "slices": n_slices, "augmented_copies": augment, "training_slices": len(ts), "patients": len(set(ts.groups or [])),
+        "data_checksum": data_checksum(ident), "slices": n_slices, "augmented_copies": augment, "training_slices": sizes[0], "patients": len(set(patient_of(i) for i in images)),
         "preprocess": pre.id,
         "epochs": len(res.history), "best_epoch": res.best_epoch, "best_metric": res.best_metric,
         "averaged_epochs": res.averaged, "precision": res.precision, "shift_cells": defaults.FINETUNE_SHIFT,
-        "lr": lr, "k": k, "seed": seed, "max_episodes": max_episodes, "retrieved_episodes": retrieved, "encode_s": round(ts.encode_s, 2),
+        "lr": lr, "k": k, "seed": seed, "max_episodes": max_episodes, "retrieved_episodes": retrieved, "encode_s": round(res.encode_s, 2),
         "train_s": round(time.perf_counter() - t0, 2), "history": res.history, "ragseg_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "member_metrics": [r.best_metric for r in res.members] or [res.best_metric],
     })
     return res

@@ -13,7 +13,8 @@ Request params (JSON body of ``POST /train/<name>``): ``epochs``, ``lr``, ``k``,
 0..1), ``augment_copies`` (augmented copies of each labeled slice framed by background, 0..8), ``precision`` (auto, bf16 or
 float32: the arithmetic of the decoder's forward passes), ``image_branch`` (auto, true or false: the
 decoder also reads the slice itself, ``ragseg.fewshot.ImageBranch``; auto: for small slices),
-``labels`` (names or values; default all
+``decoders`` (1..8: fine-tunings with seeds seed, seed + 100, ... served as the mean of their
+logits, ``ragseg.fewshot.DecoderEnsemble``; the stats count every member's epochs), ``labels`` (names or values; default all
 labeled).
 """
 
@@ -75,7 +76,8 @@ class DecoderTrainTask(TrainTask):
         return {"epochs": defaults.FINETUNE_EPOCHS, "lr": defaults.FINETUNE_LR, "k": defaults.DEFAULT_K,
                 "use_box": True, "max_episodes": defaults.FINETUNE_MAX_EPISODES, "seed": 0,
                 "retrieved_episodes": defaults.FINETUNE_RETRIEVED, "augment_copies": defaults.FINETUNE_AUGMENT,
-                "precision": defaults.FINETUNE_PRECISION, "image_branch": defaults.FINETUNE_IMAGE_BRANCH}
+                "precision": defaults.FINETUNE_PRECISION, "image_branch": defaults.FINETUNE_IMAGE_BRANCH,
+                "decoders": defaults.FINETUNE_MEMBERS}
 
     def stats(self) -> dict[str, Any]:
         try:
@@ -114,12 +116,15 @@ class DecoderTrainTask(TrainTask):
             augment = int(cfg["augment_copies"])
             precision = str(cfg["precision"])
             image_branch = _branch(cfg["image_branch"])
+            members = int(cfg["decoders"])
         except (TypeError, ValueError) as e:
             raise HTTPException(422, f"bad train parameter: {e}") from None
         if not (1 <= epochs <= 1000 and 1 <= k <= defaults.MAX_K and max_ep >= 1 and 0 < lr < 1
-                and 0 <= retrieved <= 1 and 0 <= augment <= defaults.FINETUNE_MAX_AUGMENT):
+                and 0 <= retrieved <= 1 and 0 <= augment <= defaults.FINETUNE_MAX_AUGMENT
+                and 1 <= members <= defaults.FINETUNE_MAX_MEMBERS):
             raise HTTPException(422, "train parameters out of range (epochs 1..1000, k 1..16, 0 < lr < 1, "
-                                     f"0 <= retrieved_episodes <= 1, 0 <= augment_copies <= {defaults.FINETUNE_MAX_AUGMENT})")
+                                     f"0 <= retrieved_episodes <= 1, 0 <= augment_copies <= {defaults.FINETUNE_MAX_AUGMENT}, "
+                                     f"1 <= decoders <= {defaults.FINETUNE_MAX_MEMBERS})")
         if precision not in defaults.FINETUNE_PRECISIONS:
             raise HTTPException(422, f"param precision: one of {', '.join(defaults.FINETUNE_PRECISIONS)}, not {precision!r}")
         labels = self._labels(request.get("labels"))
@@ -130,12 +135,12 @@ class DecoderTrainTask(TrainTask):
         if not items:
             raise HTTPException(422, "no final label in the datastore to train on")
         t0 = time.time()
-        st = {"name": self.name, "epoch": 0, "total_epochs": epochs, "best_metric": 0.0, "start_ts": int(t0),
-              "state": "running", "pid": os.getpid()}
+        st = {"name": self.name, "epoch": 0, "total_epochs": epochs * members, "best_metric": 0.0,
+              "start_ts": int(t0), "state": "running", "pid": os.getpid()}
         self._write_stats(st)
 
-        def on_epoch(ep: int, s: dict) -> None:
-            st.update(epoch=ep, best_metric=max(st["best_metric"], s["dice"]), loss=s["loss"],
+        def on_epoch(ep: int, s: dict) -> None:  # ep restarts with each member; the stats count on
+            st.update(epoch=st["epoch"] + 1, best_metric=max(st["best_metric"], s["dice"]), loss=s["loss"],
                       epoch_seconds=round(s["seconds"], 3), episodes=s["episodes"])
             self._write_stats(st)
 
@@ -150,7 +155,7 @@ class DecoderTrainTask(TrainTask):
                                 use_box=use_box, seed=seed, max_episodes=max_ep, on_epoch=on_epoch,
                                 location_prior=self.c.cfg.location_prior, area_cap=self.c.cfg.area_cap,
                                 retrieved=retrieved, augment=augment, precision=precision,
-                                image_branch=image_branch)
+                                image_branch=image_branch, members=members)
             # swap the folder in: the infer side watches manifest.json, written last inside tmp
             old = self.out_dir.with_name(f".{self.name}.old")
             shutil.rmtree(old, ignore_errors=True)
