@@ -194,8 +194,8 @@ IMAGE_BRANCH_WIDTH = 32  # channels of its full-resolution layer (twice as many 
 # several fine-tunings of one pool, their logits averaged (ragseg.fewshot.DecoderEnsemble): member j
 # trains with seed + j * FINETUNE_MEMBER_SEED_STEP (its augmented copies drawn with that seed too).
 # One training's queries move by +-0.02-0.04 with its seed alone (hippocampus, 4 subjects: 0.748 to
-# 0.788 on one pool); 3 members gave 0.798 over two pools against 0.787 for the mean single
-# training, at 3x the fine-tuning time (docs/results.md, "Several fine-tunings averaged"). Off by
+# 0.788 on one pool); 3 members gave 0.798 over two pools against 0.790 for the same three served
+# alone, at 3x the fine-tuning time (docs/results.md, "Several fine-tunings averaged"). Off by
 # default: 3 x ~8 min is past the 10-minute budget.
 FINETUNE_MEMBERS = 1
 FINETUNE_MAX_MEMBERS = 8  # what the train task accepts
