@@ -379,3 +379,13 @@ def test_merge_refuses_runs_whose_fine_tunings_differ(tmp_path):
     with pytest.raises(RagsegError, match="members 3 vs 1"):
         merge_runs([tmp_path / "s0", tmp_path / "s4"], tmp_path / "m2")
     assert not any((tmp_path / m).exists() for m in ("m0", "m1", "m2"))
+
+
+def test_evaluate_refuses_a_decoder_it_would_not_use(tmp_path, capsys):
+    """`--decoder` belongs to infer / label-all: evaluate trains its own per pool, so it says so
+    instead of reporting numbers that silently came from another model."""
+    from ragseg.cli import main
+
+    assert main(["evaluate", str(tmp_path), "--classes", "a=1", "--out", str(tmp_path / "o"),
+                 "--decoder", str(tmp_path)]) == 2
+    assert "does not take --decoder" in capsys.readouterr().err and not (tmp_path / "o").exists()

@@ -760,3 +760,116 @@ def test_decoders_averaged_are_the_seeded_members_served_as_their_mean(tmp_path,
     sups = [[[Support("s", lambda: (x[-1], y[-1] == 1))]] * 2]
     LiteMedSamEngine(lite, decoder=loaded, location_prior=None).segment_queries(x[:2], sups)
     assert len(calls) == 2 * 2  # every query's decode batch went through both members
+
+
+def _displaced(shape_rc=(20, 16), size=(24, 24), move=(0, 0)):
+    """A 64 px slice with a bright square (moved by ``move`` px) and its mask."""
+    img = np.full((64, 64), 0.1, np.float32)
+    mask = np.zeros((64, 64), bool)
+    r, c = shape_rc[0] + move[0], shape_rc[1] + move[1]
+    img[r:r + size[0], c:c + size[1]] = 0.9
+    mask[r:r + size[0], c:c + size[1]] = True
+    return img, mask
+
+
+def test_shift_cells_and_the_prior_that_also_allows_the_moved_structure():
+    from ragseg.prototypes import location_prior, shift_cells
+
+    m = np.zeros((8, 8), bool)
+    m[1:3, 2:4] = True
+    assert np.array_equal(np.argwhere(shift_cells(m, 3, -1)), np.argwhere(m) + [3, -1])
+    assert np.array_equal(np.argwhere(shift_cells(m, -1, 4)), np.argwhere(m) + [-1, 4])
+    assert shift_cells(m, 0, 5).sum() == 2  # one of its two columns leaves the grid
+    assert not shift_cells(m, 9, 0).any()
+    masks = torch.from_numpy(m[None].astype(np.float32))
+    assert np.array_equal(location_prior(masks, 0, (4, 0)), m | shift_cells(m, 4, 0))  # both places
+    assert np.array_equal(location_prior(masks, 1), location_prior(masks, 1, (0, 0)))
+    assert location_prior(masks, None, (4, 0)) is None
+
+
+def test_anatomy_shift_finds_where_the_query_structure_lies():
+    """The supports' structure cells are moved onto the query's foreground-like cells: the known
+    displacement within the radius, (0, 0) when the structure is in place or nothing is
+    foreground-like, and every label moves together."""
+    from ragseg.prototypes import anatomy_shift
+
+    g, c = 32, 8
+    rng = np.random.default_rng(0)
+    fg, bg = torch.from_numpy(rng.normal(size=c)).float(), torch.from_numpy(rng.normal(size=c)).float()
+    sup = torch.zeros(2, g, g)
+    sup[:, 8:16, 10:18] = 1.0
+
+    def query(dy, dx):
+        q = bg[:, None, None].repeat(1, g, g).clone()
+        q[:, 8 + dy:16 + dy, 10 + dx:18 + dx] = fg[:, None, None]
+        return q + 0.05 * torch.randn(c, g, g, generator=torch.Generator().manual_seed(1))
+
+    for move in ((5, -3), (0, 0), (-6, 6)):
+        assert anatomy_shift(query(*move), {0: (fg, bg, sup)}, radius=8) == move
+    assert anatomy_shift(query(5, -3), {0: (fg, bg, sup)}, radius=0) == (0, 0)
+    flat = bg[:, None, None].repeat(1, g, g)
+    assert anatomy_shift(flat, {0: (fg, bg, sup)}, radius=8) == (0, 0)  # nothing foreground-like: stay
+    # a second label whose cells it may not use stays out of the target; one move for both labels
+    allowed = {1: np.zeros((g, g), bool)}
+    assert anatomy_shift(query(4, 2), {0: (fg, bg, sup), 1: (fg, bg, sup)}, allowed, radius=8) == (4, 2)
+
+
+def test_prior_shift_is_chosen_on_the_pool_and_served_by_the_engine(tmp_path, monkeypatch):
+    """Patients whose structure sits at different places in the frame: the pool's episodes find it
+    better with the prior moved, so the decoder gets the move; patients alike keep the supports'
+    place. The choice is saved and loaded, and the engine then boxes a displaced query structure
+    whole, where the supports' place alone clips it."""
+    from ragseg.engine import Support
+    from ragseg.errors import RagsegError
+    from ragseg.fewshot import LiteMedSamAdapter, PrototypeDecoder, build_training_set, choose_prior_shift
+    from ragseg.litemedsam import LiteMedSAM, LiteMedSamEngine
+
+    lite = LiteMedSAM.random(seed=0)
+    adapter = LiteMedSamAdapter(lite)
+    moves = {"a": (0, 0), "b": (6, 6), "c": (-6, 6), "d": (6, -6)}
+    for spread, expect in ((True, 8), (False, 0)):
+        sl, lb, groups = [], [], []
+        for p, mv in moves.items():
+            for j in range(2):
+                img, mask = _displaced(move=mv if spread else (0, 0), size=(22 + 2 * j, 24))
+                sl.append(img)
+                lb.append(mask.astype(np.int64))
+                groups.append(p)
+        ts = build_training_set(adapter, np.stack(sl), np.stack(lb), [1], groups=groups)
+        dec = PrototypeDecoder(adapter, prior_shift=None)
+        chosen, iou = choose_prior_shift(dec, ts, k=2, radius=8)
+        assert chosen == expect, (spread, iou)
+        if spread:
+            assert iou["box_iou_moved"] > iou["box_iou_in_place"] + 0.01, iou
+
+    dec = PrototypeDecoder(adapter, prior_shift=8)
+    dec.save(tmp_path / "d", {"labels": [1]})
+    assert PrototypeDecoder.load(tmp_path / "d", adapter)[0].prior_shift == 8
+    man = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    man.pop("prior_shift")
+    (tmp_path / "d" / "manifest.json").write_text(json.dumps(man))
+    assert PrototypeDecoder.load(tmp_path / "d", adapter)[0].prior_shift == 0  # saved before the move existed
+    man["prior_shift"] = -3
+    (tmp_path / "d" / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(RagsegError, match="prior_shift"):
+        PrototypeDecoder.load(tmp_path / "d", adapter)
+
+    s_img, s_mask = _displaced()
+    q_img, q_mask = _displaced(move=(7, 7))
+    sups = [[[Support("a|1", lambda: (s_img, s_mask))]]]
+    boxes = {}
+    for shift in (0, 8):
+        dec = PrototypeDecoder(adapter, prior_shift=shift)
+        forward = dec.forward
+
+        def f(feats, fg, bg, b=None, forward=forward, shift=shift):
+            boxes[shift] = b.clone()
+            return forward(feats, fg, bg, b)
+        monkeypatch.setattr(dec, "forward", f)
+        LiteMedSamEngine(lite, decoder=dec, location_prior=2).segment_queries(q_img[None], sups)
+    # 64 px slice -> 256 px model frame: 4 px per pixel; the query square spans pixels 27..50
+    whole = torch.tensor([23 * 4, 27 * 4, 47 * 4 - 1, 51 * 4 - 1], dtype=torch.float32)  # x0 y0 x1 y1
+    assert (boxes[0][0, 2:] < whole[2:] - 8).all(), boxes[0]  # clipped to the supports' place
+    b = boxes[8][0]
+    assert (b[:2] <= whole[:2] + 4).all() and (b[2:] >= whole[2:] - 4).all(), b  # the whole moved square...
+    assert float((b[2:] - b[:2] + 1).prod()) < 2 * float((whole[2:] - whole[:2] + 1).prod()), b  # ...not the frame

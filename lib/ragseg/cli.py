@@ -356,6 +356,9 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
     from .evaluate import run_evaluation
 
+    if a.decoder:  # it would be silently unused: the harness trains its decoders on each case's pool
+        raise RagsegError("evaluate trains a decoder on each case's labeled pool (method finetuned) and does not "
+                          "take --decoder; a decoder trained elsewhere may have seen the query patients")
     if a.random_weights_for_testing:
         print("WARNING: --random-weights-for-testing: models have RANDOM weights; numbers are meaningless",
               file=sys.stderr)

@@ -78,6 +78,12 @@ FEATURE_CACHE_BYTES = 1 << 30  # query-slice encoder features kept across reques
 # --- LiteMedSAM backend and prototype prompts ------------------------------------------------------
 APART_FRACTION = 0.1  # labels touching in at most this fraction of the slices with both lie "apart"
 LOCATION_PRIOR = 2  # embedding cells a query region may lie from the supports' structure (None: off)
+# largest move (cells, each axis) of the supports' structure onto the query's anatomy that the
+# location prior also allows (prototypes.anatomy_shift); a fine-tuned decoder uses it when its
+# labeled pool's cross-patient episodes show it finds the structure better (fewshot.choose_prior_shift)
+PRIOR_SHIFT = 8
+PRIOR_SHIFT_MIN_GAIN = 0.01  # mean box IoU the move must add on the pool's episodes to be used
+FINETUNE_PRIOR_SHIFT: int | None = None  # fine-tuned decoders: None = choose on the pool, 0 = never move
 # A coarse region may keep at most a multiple of the supports' structure area (most foreground-like
 # cells first). Training-free, 4 labeled patients, no cap -> 1.5x: hippocampus 0.506 -> 0.630,
 # CT 0.783 -> 0.789, but ACDC 0.514 -> 0.455 and MS 0.065 -> 0.034; choosing the factor on the

@@ -504,6 +504,8 @@ class Harness:
                      "train_s": round(time.perf_counter() - t, 1), "encode_s": tr.encode_s,
                      "exclusive": eng.decoder.exclusive, "augmented_copies": self.cfg.finetune_augment,
                      "image_branch": eng.decoder.image_branch is not None,
+                     "prior_shift": eng.decoder.prior_shift, "prior_shift_iou": tr.prior_shift_iou or
+                     (tr.members[0].prior_shift_iou if tr.members else {}),
                      "precision": tr.precision, "members": max(1, len(tr.members))}
 
     def train_finetuned(self, case: Case):
@@ -528,7 +530,7 @@ class Harness:
                                                    self.cfg.finetune_augment, seed)
             ts = build_training_set(adapter, sl, lb, self.labels, groups=groups)
             return PrototypeDecoder(adapter, location_prior=self.cfg.location_prior, area_cap=self.cfg.area_cap,
-                                    image_branch=branch), ts
+                                    image_branch=branch, prior_shift=defaults.FINETUNE_PRIOR_SHIFT), ts
 
         res = finetune_members(make, self.cfg.finetune_members, seed=case.seed, epochs=self.cfg.finetune_epochs,
                                retrieved=self.cfg.finetune_retrieved, precision=self.cfg.finetune_precision)
@@ -757,6 +759,13 @@ def write_reports(rows: list[dict], cfg: EvalConfig, case_info: dict, command: s
     return summ
 
 
+def _iou_pair(iou: dict | None) -> str:
+    """``choose_prior_shift``'s two measurements as "0.512 / 0.547" ("-" when not measured)."""
+    if not iou:
+        return "-"
+    return f"{iou.get('box_iou_in_place', float('nan')):.3f} / {iou.get('box_iou_moved', float('nan')):.3f}"
+
+
 def _timing_lines(rows: list[dict], case_info: dict, timing: dict | None) -> list[str]:
     """What labeling a new patient costs: encoding its slices, then each method's segmentation."""
     lines = ["", "Time on this machine:"]
@@ -786,7 +795,10 @@ def _timing_lines(rows: list[dict], case_info: dict, timing: dict | None) -> lis
                      "embeddings cached), best training Dice "
                      f"{np.mean([f['best_metric'] for f in ft]):.3f}; exclusive regions (label pairs lying "
                      f"apart) in {sum(bool(f.get('exclusive')) for f in ft)} of {len(ft)} pool(s): "
-                     f"{', '.join(sorted({json.dumps(f.get('exclusive')) for f in ft}))}")
+                     f"{', '.join(sorted({json.dumps(f.get('exclusive')) for f in ft}))}; location prior moved "
+                     f"onto the query in {sum(bool(f.get('prior_shift')) for f in ft)} of {len(ft)} pool(s) "
+                     f"(pool box IoU in place / moved: "
+                     f"{', '.join(_iou_pair(f.get('prior_shift_iou')) for f in ft)})")
     for name in ("unet", "dynunet"):
         tr = [v[name] for v in case_info.values() if name in v]
         if tr:

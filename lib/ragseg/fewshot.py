@@ -40,6 +40,7 @@ from .errors import RagsegError
 from .precision import autocast
 from .precision import resolve as resolve_precision
 from .prototypes import (
+    anatomy_shift,
     apart_pairs,
     coarse_regions,
     exclusive_cells,
@@ -232,19 +233,24 @@ class PrototypeDecoder(nn.Module):
             with the cap it was trained with.
         image_branch: also read the query slice itself (:class:`ImageBranch`); its features then
             need ``IMAGE_KEY`` (:func:`decoder_image`), which training sets and the engine give.
+        prior_shift: at inference, the location prior also allows the supports' structure moved
+            onto the query's anatomy by up to this many cells (:func:`ragseg.prototypes.anatomy_shift`);
+            0: the supports' own place only. None: :func:`finetune` decides on the labeled pool
+            (:func:`choose_prior_shift`). Training episodes keep the supports' own place.
     """
 
     def __init__(self, adapter: DecoderAdapter, *, use_box: bool = True,
                  location_prior: int | None = defaults.LOCATION_PRIOR,
                  exclusive: bool | list[tuple[int, int]] | None = None,
                  area_cap: float | None = defaults.REGION_AREA_CAP,
-                 image_branch: bool = False):
+                 image_branch: bool = False, prior_shift: int | None = 0):
         super().__init__()
         object.__setattr__(self, "adapter", adapter)  # not a submodule: its weights are not ours
         self.use_box = use_box
         self.location_prior = location_prior
         self.exclusive = exclusive
         self.area_cap = area_cap
+        self.prior_shift = prior_shift
         self.decoder = copy.deepcopy(adapter.mask_decoder)
         c = adapter.embed_dim
         self.proj = nn.Linear(c, c)  # starts as identity: the untrained model is the paper's zero-shot
@@ -278,15 +284,16 @@ class PrototypeDecoder(nn.Module):
     @torch.no_grad()
     def prompt(self, query_emb: torch.Tensor, support_embs: torch.Tensor | None, support_grid_masks: torch.Tensor,
                max_regions: int = 1, allowed: np.ndarray | None = None,
-               protos: tuple[torch.Tensor, torch.Tensor] | None = None, normalized: bool = False
-               ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]] | None:
+               protos: tuple[torch.Tensor, torch.Tensor] | None = None, normalized: bool = False,
+               shift: tuple[int, int] = (0, 0)) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]] | None:
         """Prototypes (fg, bg) and boxes (one per coarse region) for one query and label.
 
         ``allowed``: [g, g] bool, the cells this label's region may use (see
         :func:`ragseg.prototypes.exclusive_cells`). ``protos``: the supports' (fg, bg) prototypes when
         already computed (``support_embs`` is then not read). ``normalized``: ``query_emb`` is
         unit-length along C (:meth:`TrainingSet.unit`); prototypes come from the raw
-        embeddings, so then ``protos`` must be given. Without ``use_box`` the box list holds
+        embeddings, so then ``protos`` must be given. ``shift``: the location prior's move onto
+        the query (:func:`ragseg.prototypes.location_prior`). Without ``use_box`` the box list holds
         one dummy entry. None: no prototype (empty support masks) or, with ``use_box``, no
         foreground-like region on the query.
         """
@@ -298,7 +305,7 @@ class PrototypeDecoder(nn.Module):
             return None
         if not self.use_box:
             return protos[0], protos[1], [torch.zeros(4)]
-        prior = location_prior(support_grid_masks, self.location_prior)
+        prior = location_prior(support_grid_masks, self.location_prior, shift)
         if allowed is not None:
             prior = allowed if prior is None else prior & allowed
         regions = coarse_regions(query_emb, *protos, prior, max_regions=max_regions,
@@ -314,7 +321,7 @@ class PrototypeDecoder(nn.Module):
         d.mkdir(parents=True, exist_ok=True)
         man = {"format": FORMAT_VERSION, "backbone": self.adapter.backbone_id, "use_box": self.use_box,
                "location_prior": self.location_prior, "exclusive": self.exclusive, "area_cap": self.area_cap,
-               "image_branch": self.image_branch is not None,
+               "image_branch": self.image_branch is not None, "prior_shift": self.prior_shift,
                **manifest}
         _atomic_write(d / WEIGHTS, lambda f: torch.save(self.state_dict(), f))
         _atomic_write(d / MANIFEST, lambda f: f.write(json.dumps(man, indent=2, default=str).encode()))
@@ -338,14 +345,18 @@ class PrototypeDecoder(nn.Module):
                               f"not {adapter.backbone_id!r}")
         ex = man.get("exclusive", False)
         ex = [tuple(int(v) for v in p) for p in ex] if isinstance(ex, list) else bool(ex)
+        shift = man.get("prior_shift") or 0
+        if not isinstance(shift, int) or shift < 0:
+            raise RagsegError(f"{d / MANIFEST}: prior_shift must be a cell count >= 0, got {shift!r}")
         n = man.get("members", 1)
         if not isinstance(n, int) or n < 1:
             raise RagsegError(f"{d / MANIFEST}: members must be a positive integer, got {n!r}")
 
         def member() -> PrototypeDecoder:
-            # decoders saved before the size cap (or the image branch) existed were trained without one
+            # decoders saved before the size cap (image branch, prior shift) existed were trained without one
             return cls(adapter, use_box=bool(man["use_box"]), location_prior=man.get("location_prior"),
-                       exclusive=ex, area_cap=man.get("area_cap"), image_branch=bool(man.get("image_branch", False)))
+                       exclusive=ex, area_cap=man.get("area_cap"), image_branch=bool(man.get("image_branch", False)),
+                       prior_shift=shift)
 
         dec = member() if n == 1 else DecoderEnsemble([member() for _ in range(n)])
         try:
@@ -383,6 +394,7 @@ class DecoderEnsemble(nn.Module):
     exclusive = property(lambda self: self.members[0].exclusive)
     area_cap = property(lambda self: self.members[0].area_cap)
     image_branch = property(lambda self: self.members[0].image_branch)
+    prior_shift = property(lambda self: self.members[0].prior_shift)
 
     def forward(self, feats: dict[str, torch.Tensor], fg: torch.Tensor, bg: torch.Tensor,
                 boxes: torch.Tensor | None = None) -> torch.Tensor:
@@ -558,7 +570,7 @@ class Episode:
 
 def make_episodes(dec: PrototypeDecoder, ts: TrainingSet, k: int, rng: np.random.Generator,
                   jitter: float = 0.0, retrieved: float = 0.0,
-                  retrieved_pool: int = defaults.FINETUNE_RETRIEVED_POOL) -> list[Episode]:
+                  retrieved_pool: int = defaults.FINETUNE_RETRIEVED_POOL, prior_shift: int = 0) -> list[Episode]:
     """One episode per (labeled slice, label): supports = up to k *other* slices with the label,
     from other patients than the query's when ``ts.groups`` names patients and others have it.
 
@@ -568,6 +580,8 @@ def make_episodes(dec: PrototypeDecoder, ts: TrainingSet, k: int, rng: np.random
 
     The query's own mask never enters its prototypes (as at inference). Episodes where the label
     is absent on the query teach the decoder to answer "nothing" to a look-alike region.
+    ``prior_shift``: boxes from the location prior moved onto the query as the engine moves it for
+    a decoder with that ``prior_shift`` (:func:`choose_prior_shift` compares; training uses 0).
     """
     out: list[Episode] = []
     present = ts.grid_masks.sum((2, 3)) > 0  # [N, L]
@@ -604,22 +618,29 @@ def make_episodes(dec: PrototypeDecoder, ts: TrainingSet, k: int, rng: np.random
 
     drawn: list[dict[int, list[int] | None]] = [{} for _ in range(len(ts))]  # query -> label -> supports
     owners: list[dict[int, np.ndarray]] = [{} for _ in range(len(ts))]
-    if exclusive:  # as at inference: each label's region only where it beats the others' on the query
+    moves: list[tuple[int, int]] = [(0, 0)] * len(ts)
+    whole = exclusive or (prior_shift > 0 and dec.use_box)  # each query's labels decided together
+    if whole:
         for li in range(len(ts.labels)):
             for q in range(len(ts)):
                 drawn[q][li] = draw(li, q)
         for q, per in enumerate(drawn):
             protos = {li: prototypes(sup, li) for li, sup in per.items() if sup}
-            owners[q] = exclusive_cells(ts.unit(q), {li: p[0] for li, p in protos.items() if p is not None}, pairs,
-                                        normalized=True)
+            protos = {li: p for li, p in protos.items() if p is not None}
+            if exclusive:  # as at inference: each label's region only where it beats the others' on the query
+                owners[q] = exclusive_cells(ts.unit(q), {li: p[0] for li, p in protos.items()}, pairs,
+                                            normalized=True)
+            if prior_shift > 0 and dec.use_box and dec.location_prior is not None:
+                found = {li: (p[0], p[1], ts.grid_masks[per[li], li]) for li, p in protos.items()}
+                moves[q] = anatomy_shift(ts.unit(q), found, owners[q], prior_shift, normalized=True)
     for li in range(len(ts.labels)):
         for q in range(len(ts)):
-            sup = drawn[q][li] if exclusive else draw(li, q)
+            sup = drawn[q][li] if whole else draw(li, q)
             if sup is None:
                 continue
             pr = prototypes(sup, li)  # supports carry the label: never None
             p = (dec.prompt(ts.unit(q), None, ts.grid_masks[sup, li], allowed=owners[q].get(li), protos=pr,
-                            normalized=True) if pr else None)
+                            normalized=True, shift=moves[q]) if pr else None)
             if p is None:
                 continue
             fg, bg, boxes = p
@@ -630,6 +651,45 @@ def make_episodes(dec: PrototypeDecoder, ts: TrainingSet, k: int, rng: np.random
                 box = box.clamp(0, dec.adapter.input_size - 1)
             out.append(Episode(q, li, sup, fg, bg, box))
     return out
+
+
+def _box_area(box: torch.Tensor) -> float:
+    return float((box[2:] - box[:2] + 1).clamp_min(0).prod())
+
+
+def choose_prior_shift(dec: PrototypeDecoder, ts: TrainingSet, k: int = defaults.DEFAULT_K, *, seed: int = 0,
+                       radius: int = defaults.PRIOR_SHIFT,
+                       min_gain: float = defaults.PRIOR_SHIFT_MIN_GAIN) -> tuple[int, dict[str, float]]:
+    """``radius`` when moving the location prior onto the query (:func:`ragseg.prototypes.anatomy_shift`)
+    finds the labeled pool's structures better, else 0; and the two measurements.
+
+    Measured on the pool itself, before training: the cross-patient episodes with supports drawn as
+    retrieval serves them (:func:`make_episodes`, the same draws both ways), each episode's box
+    against the box of the query's true structure (IoU, over episodes whose query carries the
+    label). Patients scanned alike (registered crops, one volume) keep the supports' place; hearts
+    that sit elsewhere in each patient's frame move it. No query patient enters the choice.
+    """
+    if radius <= 0 or not dec.use_box or dec.location_prior is None:
+        return 0, {}
+    truth: dict[tuple[int, int], torch.Tensor] = {}
+
+    def mean_iou(shift: int) -> float:
+        ious = []
+        for e in make_episodes(dec, ts, k, np.random.default_rng(seed), retrieved=1.0, prior_shift=shift):
+            key = (e.query, e.label_index)
+            if key not in truth:
+                cells = (ts.grid_masks[e.query, e.label_index] > 0.5).numpy()
+                truth[key] = region_box(cells, dec.adapter.input_size) if cells.any() else None
+            t = truth[key]
+            if t is None:
+                continue
+            lo, hi = torch.maximum(e.box[:2], t[:2]), torch.minimum(e.box[2:], t[2:])
+            inter = float((hi - lo + 1).clamp_min(0).prod())  # boxes hold inclusive pixel corners
+            ious.append(inter / (_box_area(e.box) + _box_area(t) - inter))
+        return float(np.mean(ious)) if ious else 0.0
+
+    still, moved = mean_iou(0), mean_iou(radius)
+    return (radius if moved > still + min_gain else 0), {"box_iou_in_place": still, "box_iou_moved": moved}
 
 
 def competing_pairs(exclusive: bool | Sequence[Sequence[int]] | None, values: Sequence[int]) -> set[frozenset[int]]:
@@ -681,6 +741,7 @@ class TrainResult:
     encode_s: float = 0.0
     precision: str = "float32"  # what the decoder's forward passes ran in ("bf16" or "float32")
     members: list[TrainResult] = field(default_factory=list)  # a DecoderEnsemble's trainings, in order
+    prior_shift_iou: dict[str, float] = field(default_factory=dict)  # choose_prior_shift's measurements
 
 
 def average_states(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -736,7 +797,8 @@ def finetune(dec: PrototypeDecoder, ts: TrainingSet, *, epochs: int = defaults.F
     optimizer and loss stay float32), ``"float32"`` does not, ``"auto"`` takes bf16 where the
     hardware multiplies it natively (:func:`ragseg.precision.resolve`).
     A decoder built with ``exclusive=None`` first gets its competing label pairs from
-    :func:`choose_exclusive`.
+    :func:`choose_exclusive`, one with ``prior_shift=None`` its prior's move from
+    :func:`choose_prior_shift`.
     The metric is the epoch's mean Dice over episodes whose query carries the label (before each
     step's update). The decoder kept is the mean of its states at the end of the last
     ``average_last`` epochs, at most the second half of the ``epochs`` (weight averaging: one
@@ -751,6 +813,10 @@ def finetune(dec: PrototypeDecoder, ts: TrainingSet, *, epochs: int = defaults.F
     if dec.exclusive is None:
         dec.exclusive = choose_exclusive(ts)
         logger.info("exclusive regions for label pairs lying apart in the pool: %s", dec.exclusive or "none")
+    if dec.prior_shift is None:
+        dec.prior_shift, res.prior_shift_iou = choose_prior_shift(dec, ts, k, seed=seed)
+        logger.info("location prior moved onto the query by up to %d cells (pool box IoU %s)", dec.prior_shift,
+                    {a: round(b, 3) for a, b in res.prior_shift_iou.items()})
     rng = np.random.default_rng(seed)
     params = [p for p in dec.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)

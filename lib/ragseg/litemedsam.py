@@ -309,6 +309,7 @@ class LiteMedSamEngine:
         from .cellscore import cell_intensity
         from .fewshot import IMAGE_KEY, competing_pairs, decoder_image
         from .prototypes import (
+            anatomy_shift,
             coarse_regions,
             exclusive_cells,
             location_prior,
@@ -356,12 +357,17 @@ class LiteMedSamEngine:
             pairs = competing_pairs(ex if labels is not None or ex is True else False,
                                     list(labels) if labels is not None else list(range(L)))
             owner = exclusive_cells(q, {li: f[0] for li, f in found.items()}, pairs) if pairs else {}
+            # a decoder whose pool showed it (its manifest's prior_shift) lets the supports' structure
+            # also lie where it does once moved onto the query's anatomy
+            radius = (getattr(decoder, "prior_shift", 0) or 0) if decoder is not None else 0
+            move = ((0, 0) if not radius or self.location_prior is None or not getattr(decoder, "use_box", True)
+                    else anatomy_shift(q, found, owner, radius))
             qint = None  # the query's cell intensities, for the linear cell score
             for li, (fg, bg, gm) in found.items():
                 if decoder is not None and not getattr(decoder, "use_box", True):
                     items.append((li, fg, bg, torch.zeros(4)))  # prototypes alone
                     continue
-                prior = location_prior(gm, self.location_prior)
+                prior = location_prior(gm, self.location_prior, move)
                 if li in owner:
                     prior = owner[li] if prior is None else prior & owner[li]
                 if scorers.get(li) is not None:

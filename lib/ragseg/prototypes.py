@@ -7,8 +7,9 @@ start here, on image-encoder embeddings ``[C, g, g]``:
 * :func:`masked_prototypes`: foreground / background prototypes = mean support embedding
   under / outside the masks (Xie et al.: masked image-embedding prototypes);
 * :func:`coarse_regions`: query positions closer (cosine) to the foreground prototype, limited to
-  where the supports' structure lies (:func:`location_prior`) and to about the supports' structure
-  size when asked (:func:`region_cell_cap`), as connected regions;
+  where the supports' structure lies (:func:`location_prior`; also where it lies once moved onto the
+  query's own anatomy, :func:`anatomy_shift`) and to about the supports' structure size when asked
+  (:func:`region_cell_cap`), as connected regions;
 * :func:`region_box`: the box prompt of a region in the decoder's input frame.
 """
 
@@ -41,18 +42,77 @@ def masked_prototypes(embs: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Te
     return fg, bg
 
 
-def location_prior(masks: torch.Tensor, dilate: int | None = defaults.LOCATION_PRIOR) -> np.ndarray | None:
+def location_prior(masks: torch.Tensor, dilate: int | None = defaults.LOCATION_PRIOR,
+                   shift: tuple[int, int] = (0, 0)) -> np.ndarray | None:
     """Where any support's structure lies on the grid, dilated by ``dilate`` cells; None = no prior.
 
     Slices of one volume (or of registered volumes) keep organs in place, so a query region far
     from every support's structure is a look-alike elsewhere (spleen vs liver texture).
+    ``shift`` (dy, dx) cells: the structure is also allowed where it lies moved by that much
+    (:func:`anatomy_shift`); the prior is the union of both places, dilated.
     """
     if dilate is None:
         return None
     from scipy import ndimage
 
     prior = (masks > 0).any(0).cpu().numpy()
+    if tuple(shift) != (0, 0):
+        prior = prior | shift_cells(prior, *shift)
     return ndimage.binary_dilation(prior, iterations=dilate) if dilate > 0 else prior
+
+
+def shift_cells(mask: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """``mask`` [g, g] moved by (dy, dx) cells (rows down, columns right); what leaves the grid is lost."""
+    out = np.zeros_like(mask)
+    h, w = mask.shape
+    if abs(dy) >= h or abs(dx) >= w:
+        return out
+    out[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = mask[max(-dy, 0):h - max(dy, 0),
+                                                                      max(-dx, 0):w - max(dx, 0)]
+    return out
+
+
+def best_shift(target: torch.Tensor, template: torch.Tensor, radius: int) -> tuple[int, int]:
+    """The translation (dy, dx), each within ``radius`` cells, that lays ``template`` [g, g] over
+    ``target`` [g, g] with the largest cross-correlation; (0, 0) unless a move scores strictly more
+    (ties keep the supports' own place)."""
+    if radius <= 0:
+        return 0, 0
+    corr = F.conv2d(F.pad(target.float()[None, None], (radius,) * 4), template.float()[None, None])[0, 0]
+    i, j = divmod(int(corr.argmax()), corr.shape[1])
+    if float(corr[i, j]) <= float(corr[radius, radius]):
+        return 0, 0
+    return i - radius, j - radius
+
+
+def anatomy_shift(query_emb: torch.Tensor, found: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                  allowed: dict[int, np.ndarray] | None = None, radius: int = defaults.PRIOR_SHIFT, *,
+                  normalized: bool = False) -> tuple[int, int]:
+    """One move of every label's support structure onto the query's own anatomy (for
+    :func:`location_prior`'s ``shift``).
+
+    Across patients the heart (or any organ) sits at another place in the frame than in the
+    supports, and the supports' footprint then misses the query's structure: on ACDC it covered
+    4% of a dilated LV's cells. The template is the supports' structure cells (mean area fraction
+    over a label's supports, the maximum over labels); the target is the query's foreground-like
+    score ``max(cos(fg) - cos(bg), 0)`` of each label, within the cells it may use (``allowed``,
+    :func:`exclusive_cells`), the maximum over labels. One move for all labels keeps their layout.
+
+    Args:
+        found: label index -> (fg prototype, bg prototype, support grid masks [k, g, g]).
+        radius: largest move in cells along each axis (0: none).
+    """
+    if radius <= 0 or not found:
+        return 0, 0
+    target = template = None
+    for li, (fg, bg, gm) in found.items():
+        s = similarity_map(query_emb, fg, bg, normalized=normalized).clamp_min(0)
+        if allowed and li in allowed:
+            s = s * torch.from_numpy(np.asarray(allowed[li])).to(s.dtype)
+        m = gm.float().mean(0)
+        target = s if target is None else torch.maximum(target, s)
+        template = m if template is None else torch.maximum(template, m)
+    return best_shift(target, template, radius)
 
 
 def region_cell_cap(masks: torch.Tensor, factor: float | None) -> int | None:

@@ -100,7 +100,7 @@ def train_decoder(items: Sequence[LabeledVolume], adapter: DecoderAdapter, pre: 
         sizes.append(len(ts))
         logger.info("encoded %d labeled slices (%d with augmented copies) in %.1f s", n_slices, len(ts), ts.encode_s)
         return PrototypeDecoder(adapter, use_box=use_box, location_prior=location_prior, area_cap=area_cap,
-                                image_branch=branch), ts
+                                image_branch=branch, prior_shift=defaults.FINETUNE_PRIOR_SHIFT), ts
 
     res = finetune_members(make, members, seed=seed, epochs=epochs, lr=lr, k=k, max_episodes=max_episodes,
                            progress=progress, retrieved=retrieved, precision=precision, on_epoch=on_epoch)
@@ -116,5 +116,6 @@ def train_decoder(items: Sequence[LabeledVolume], adapter: DecoderAdapter, pre: 
         "train_s": round(time.perf_counter() - t0, 2), "history": res.history, "ragseg_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "member_metrics": [r.best_metric for r in res.members] or [res.best_metric],
+        "prior_shift_iou": (res.members[0] if res.members else res).prior_shift_iou,
     })
     return res
