@@ -12,6 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from ragseg.errors import RagsegError
 from ragseg.synthetic import make_dataset
 
 
@@ -183,7 +184,6 @@ def test_confidence_interval_and_paired_difference_over_patients():
 
 
 def test_bad_baseline_size_is_refused_before_any_work():
-    from ragseg.errors import RagsegError
     from ragseg.evaluate import EvalConfig
 
     for size in (0, 100):
@@ -255,7 +255,6 @@ def test_merged_runs_report_as_one_and_refuse_what_does_not_belong_together(tmp_
     (same numbers as one run over all rows, intervals over patients, baseline differences, curve);
     runs with other settings or the same cases are refused."""
     from ragseg.cli import main
-    from ragseg.errors import RagsegError
     from ragseg.evaluate import merge_runs, paired_difference, summarize
 
     rng = np.random.default_rng(0)
@@ -316,7 +315,6 @@ def test_merge_reads_a_run_that_kept_only_its_table(tmp_path, capsys):
     settings come from the command on the summary's first line, parsed by the CLI, so a setting
     that differs is still refused; without the parser such a folder is refused."""
     from ragseg.cli import main
-    from ragseg.errors import RagsegError
     from ragseg.evaluate import merge_runs, summarize
 
     rng = np.random.default_rng(1)
@@ -350,7 +348,6 @@ def test_merge_refuses_runs_whose_fine_tunings_differ(tmp_path):
     copies, image branch, decoders averaged), from cases.json or from the summary's fine-tuning line, and refuses
     runs that differ, whichever of the two records it has."""
     from ragseg.cli import config_from_command
-    from ragseg.errors import RagsegError
     from ragseg.evaluate import merge_runs
 
     rng = np.random.default_rng(2)
@@ -389,3 +386,20 @@ def test_evaluate_refuses_a_decoder_it_would_not_use(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path), "--classes", "a=1", "--out", str(tmp_path / "o"),
                  "--decoder", str(tmp_path)]) == 2
     assert "does not take --decoder" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_evaluate_passes_its_model_flags_to_the_models_it_builds(tmp_path):
+    """--sam2, --dinov2, --pooling, --device and --memory-cache reach the ModelSet the harness
+    builds (they used to be parsed and dropped, so a run said nothing of the models it skipped)."""
+    from ragseg.cli import _eval_config, build_parser
+    from ragseg.evaluate import Harness
+
+    a = build_parser().parse_args(["evaluate", str(tmp_path), "--classes", "a=1", "--out", str(tmp_path / "o"),
+                                   "--backend", "litemedsam", "--sam2", "/ckpt/sam2.pt", "--dinov2", "dinov2-base",
+                                   "--pooling", "mean", "--device", "cpu", "--memory-cache", str(tmp_path / "m")])
+    m = Harness(_eval_config(a)).models.cfg
+    assert (m.sam2, m.dinov2, m.pooling, m.device, m.memory_cache) == \
+        ("/ckpt/sam2.pt", "dinov2-base", "mean", "cpu", str(tmp_path / "m"))
+    a.pooling = "max"  # invalid values are refused before anything loads
+    with pytest.raises(RagsegError, match="pooling"):
+        Harness(_eval_config(a))

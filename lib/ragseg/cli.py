@@ -336,6 +336,7 @@ def _eval_config(a: argparse.Namespace):
                      save_predictions=a.save_predictions, figures=not a.no_figures, image_suffix=a.image_suffix,
                      feature_cache=a.feature_cache, image_size=a.image_size,
                      random_weights=a.random_weights_for_testing, sam2_variant=a.sam2_variant,
+                     sam2=a.sam2, dinov2=a.dinov2, pooling=a.pooling, device=a.device, memory_cache=a.memory_cache,
                      label_suffix=a.label_suffix, subjects=[x for x in a.subjects.split(",") if x],
                      **({"group_pattern": a.group_by} if a.group_by else {}))
 

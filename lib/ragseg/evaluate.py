@@ -123,6 +123,11 @@ class EvalConfig:
     image_size: int = defaults.SAM2_IMAGE_SIZE  # SAM 2 input size (rag-sam2 backend)
     random_weights: bool = False  # TESTS ONLY: same architectures, random weights (CI smoke of rag-sam2)
     sam2_variant: str = "hiera_t"  # with random_weights
+    sam2: str = "sam2.1-hiera-tiny"  # SAM 2.1 registry name or checkpoint path (rag-sam2 backend)
+    dinov2: str = "dinov2-small"  # DINOv2 registry name, hub id or folder (dinov2 retrieval)
+    pooling: str = "cls"  # DINOv2 pooling: cls / mean
+    device: str = "auto"  # auto / cpu / cuda[:n]
+    memory_cache: str | None = None  # folder of cached SAM 2 support memories (rag-sam2 backend)
     image_suffix: str = ""
     label_suffix: str = ""
     subjects: list[str] = field(default_factory=list)  # only these ids (default: all)
@@ -307,6 +312,8 @@ class Harness:
                                            area_cap=cfg.area_cap, region_score=cfg.region_score,
                                            image_size=cfg.image_size, random_weights=cfg.random_weights,
                                            sam2_variant=cfg.sam2_variant, feature_cache=cfg.feature_cache,
+                                           sam2=cfg.sam2, dinov2=cfg.dinov2, pooling=cfg.pooling,
+                                           device=cfg.device, memory_cache=cfg.memory_cache,
                                            # every slice of a data set stays in RAM once encoded (2 MB each)
                                            feature_cache_bytes=8 << 30))
         self.embedder = self.models.embedder()
