@@ -16,6 +16,13 @@ refit. Server, CLI and harness pass the same pool. On open-ms-flair (2 labeled p
 of the third), with ``--location-prior -1 --max-regions 16``: training-free Dice 0.352 against
 0.349 fitted on the retrieved supports only and 0.094 with the cosine (docs/results.md, "a linear
 cell score for MS lesions").
+
+A cell the regression calls the structure keeps that call only when its nearest cell among the fit
+set's structure cells and the *retrieved* supports' tissue background is a structure cell
+(:meth:`LinearCellScore.score`, ``defaults.CELL_SCORE_NN_VETO``): one line over the whole pool
+cannot tell a lesion from the query's bright normal tissue, while slices retrieved at the query's
+level hold that tissue as background. This is where retrieval matters for this score
+(docs/results.md, "a nearest-cell veto").
 """
 
 from __future__ import annotations
@@ -61,6 +68,8 @@ class LinearCellScore:
         self.max_iter = int(max_iter)
         self.w: torch.Tensor | None = None
         self.b: torch.Tensor | None = None
+        # [m, D] features of the fit set's structure cells, for :meth:`score`'s nearest-cell veto
+        self.structure_cells: torch.Tensor | None = None
 
     def fit(self, x: torch.Tensor, y: torch.Tensor) -> LinearCellScore | None:
         """``x`` [m, D] cell features, ``y`` [m] bool (the cell is the structure). None when one
@@ -92,12 +101,30 @@ class LinearCellScore:
         return self
 
     @torch.no_grad()
-    def score(self, emb: torch.Tensor, intensity: torch.Tensor) -> torch.Tensor:
-        """[C, g, g] embedding and [g, g] intensities -> [g, g] decision values (> 0: structure)."""
+    def score(self, emb: torch.Tensor, intensity: torch.Tensor,
+              background: torch.Tensor | None = None) -> torch.Tensor:
+        """[C, g, g] embedding and [g, g] intensities -> [g, g] decision values (> 0: structure).
+
+        ``background`` [m, D]: cell features of the tissue around the structure in the supports
+        retrieved for this query (:func:`background_cells`). A cell the regression calls the
+        structure is then set to -1 unless its nearest cell (Euclidean, in the same features) among
+        the fit set's structure cells and ``background`` is a structure cell: the line fitted on the
+        whole pool cannot tell a lesion from the query's own bright normal tissue, but the supports
+        cut at the query's level show that tissue as background."""
         if self.w is None or self.b is None:
             raise RuntimeError("LinearCellScore.score before fit")
         g = emb.shape[-1]
-        return (cell_features(emb[None], intensity[None]) @ self.w + self.b).reshape(emb.shape[-2], g)
+        x = cell_features(emb[None], intensity[None])
+        z = x @ self.w + self.b
+        pos = self.structure_cells
+        if background is not None and len(background) and pos is not None and len(pos):
+            cand = torch.nonzero(z > 0)[:, 0]
+            if len(cand):
+                near_pos = torch.cdist(x[cand], pos).min(1).values
+                near_bg = torch.cdist(x[cand], background.float()).min(1).values
+                z = z.clone()
+                z[cand[near_bg < near_pos]] = -1.0
+        return z.reshape(emb.shape[-2], g)
 
 
 def fit_cell_score(embs: torch.Tensor, masks: torch.Tensor, intensity: torch.Tensor) -> LinearCellScore | None:
@@ -118,4 +145,20 @@ def fit_cell_score(embs: torch.Tensor, masks: torch.Tensor, intensity: torch.Ten
         pos = pos[torch.randperm(len(pos), generator=gen)[:cap // 2]]
         neg = neg[torch.randperm(len(neg), generator=gen)[:cap - len(pos)]]
         idx = torch.cat([pos, neg])
-    return LinearCellScore().fit(x[idx], y[idx])
+    fit = LinearCellScore().fit(x[idx], y[idx])
+    if fit is not None:  # every structure cell of the fit set, up to the cap (a fixed draw)
+        pos = torch.nonzero(y)[:, 0]
+        if len(pos) > cap:
+            pos = pos[torch.randperm(len(pos), generator=torch.Generator().manual_seed(1))[:cap]]
+        fit.structure_cells = x[pos].contiguous()
+    return fit
+
+
+def background_cells(embs: torch.Tensor, masks: torch.Tensor, intensity: torch.Tensor) -> torch.Tensor:
+    """Cell features [m, D] of the supports' tissue that is not the structure: ``embs`` [k, C, g, g],
+    ``masks`` [k, g, g] area fractions (cells the structure touches at all are left out),
+    ``intensity`` [k, g, g] (air and padding, darker than ``defaults.CELL_SCORE_MIN_INTENSITY``,
+    left out)."""
+    x = cell_features(embs, intensity)
+    keep = (masks.reshape(-1) <= 0) & (intensity.reshape(-1) > defaults.CELL_SCORE_MIN_INTENSITY)
+    return x[keep]

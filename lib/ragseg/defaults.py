@@ -105,6 +105,10 @@ CELL_SCORE_MIN_INTENSITY = 0.02  # darker cells (air, padding) are left out of t
 CELL_SCORE_MAX_CELLS = 20000  # cells per fit at most (~2-3 s of L-BFGS on 2 CPU threads)
 CELL_SCORE_MAX_SUPPORTS = 128  # labeled slices per fit at most (each is encoded once: ~2 MB, ~1 s on a CPU)
 CELL_SCORE_FITS_KEPT = 16  # fitted scores kept per engine (one per label and labeled-pool version)
+# a cell the linear score calls the structure stays so only when its nearest cell (Euclidean, same
+# features) among the fit set's structure cells and the retrieved supports' tissue background is a
+# structure cell: retrieval brings the query's own anatomy as the background to beat (MS lesions)
+CELL_SCORE_NN_VETO = True
 LITEMEDSAM_POOL = 4  # retrieval embedding = LiteMedSAM embedding average-pooled to this grid
 LITEMEDSAM_ENCODE_BATCH = 1  # TinyViT on CPU is fastest per slice at batch 1 (measured, #4)
 

@@ -213,6 +213,9 @@ class LiteMedSamEngine:
         region_score: what scores a query cell as the structure for the box prompts:
             "prototype" (cosine to the prototypes) or "linear" (a regression fitted per label on
             the cells of the labeled pool the request may use, :mod:`ragseg.cellscore`).
+        nn_veto: with the linear score, a cell stays the structure only when its nearest cell among
+            the pool's structure cells and the retrieved supports' background is a structure cell
+            (:meth:`ragseg.cellscore.LinearCellScore.score`).
         decode_batch: (query, label, region) items per decoder call.
     """
 
@@ -221,13 +224,15 @@ class LiteMedSamEngine:
     def __init__(self, lite: LiteMedSAM, *, cache: SupportMemoryCache | None = None,
                  decoder: torch.nn.Module | None = None, location_prior: int | None = defaults.LOCATION_PRIOR,
                  max_regions: int = defaults.MAX_REGIONS, area_cap: float | None = defaults.REGION_AREA_CAP,
-                 region_score: str = defaults.REGION_SCORE, decode_batch: int = 16):
+                 region_score: str = defaults.REGION_SCORE, nn_veto: bool = defaults.CELL_SCORE_NN_VETO,
+                 decode_batch: int = 16):
         from .cellscore import REGION_SCORES
 
         if region_score not in REGION_SCORES:
             raise ValueError(f"region_score must be one of {REGION_SCORES}, not {region_score!r}")
         self.lite = lite
         self.region_score = region_score
+        self.nn_veto = bool(nn_veto)
         self.cache = cache if cache is not None else SupportMemoryCache(item_type=SupportEmbedding)
         self.location_prior = location_prior
         self.max_regions = max(1, int(max_regions))
@@ -306,7 +311,7 @@ class LiteMedSamEngine:
 
         from tqdm import tqdm
 
-        from .cellscore import cell_intensity
+        from .cellscore import background_cells, cell_intensity
         from .fewshot import IMAGE_KEY, competing_pairs, decoder_image
         from .prototypes import (
             anatomy_shift,
@@ -373,8 +378,13 @@ class LiteMedSamEngine:
                 if scorers.get(li) is not None:
                     if qint is None:
                         qint = cell_intensity(queries[qi:qi + 1], IMAGE_SIZE, EMBED_SIZE)[0]
-                    regions = score_regions(scorers[li].score(q, qint).numpy(), prior, max_regions=self.max_regions,
-                                            max_cells=region_cell_cap(gm, cap))
+                    tissue = None  # the retrieved supports' background cells, for the score's nearest-cell veto
+                    if self.nn_veto:
+                        se = [sup_emb[s.key] for s in supports[li][qi]]
+                        tissue = background_cells(torch.stack([x.embedding for x in se]).float(), gm,
+                                                  torch.stack([x.intensity for x in se]))
+                    regions = score_regions(scorers[li].score(q, qint, tissue).numpy(), prior,
+                                            max_regions=self.max_regions, max_cells=region_cell_cap(gm, cap))
                 else:
                     regions = coarse_regions(q, fg, bg, prior, max_regions=self.max_regions,
                                              max_cells=region_cell_cap(gm, cap))
